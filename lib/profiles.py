@@ -1,0 +1,186 @@
+"""Profiles: typed, validated settings loaded from `lib/profiles/<name>.toml`.
+
+A profile is the only thing that differs between the fast smoke runs (`tiny`), the book (`default`) and the paper's
+own models (`paper`): code never branches on the profile's name, only on its values (nanoGPT's habit).
+
+Each section is a frozen dataclass. A field's `metadata["check"]` is a predicate and `metadata["allowed"]` says in
+words what passes it; `load_profile` turns any misspelt field, wrong type or out-of-range value into one
+`ProfileError` naming the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file, the field and what is allowed."""
+
+
+def _f(default, check, allowed: str):
+    """A dataclass field with a validity check and its description for error messages."""
+    kw = {"default_factory": lambda: default} if isinstance(default, (list, tuple)) else {"default": default}
+    return field(metadata={"check": check, "allowed": allowed}, **kw)
+
+
+def _int_in(default: int, lo: int, hi: int):
+    return _f(default, lambda v: isinstance(v, int) and lo <= v <= hi, f"an integer in [{lo}, {hi}]")
+
+
+class Section:
+    """Base of every profile section: validates each field against its metadata after construction."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            value = getattr(self, f.name)
+            if check is not None and not check(value):
+                raise ProfileError(f"field `{f.name}` = {value!r}: expected {f.metadata['allowed']}")
+
+
+@dataclass(frozen=True)
+class WorldConfig(Section):
+    """The generated spatial world (lib/world.py)."""
+
+    cell_px: int = _f(16, lambda v: isinstance(v, int) and 4 <= v <= 64, "an integer in [4, 64]")
+    patch_px: int = _f(8, lambda v: isinstance(v, int) and 2 <= v <= 64, "an integer in [2, 64]")
+    n_objects: tuple[int, ...] = _f(
+        (2, 3), lambda v: len(v) > 0 and all(isinstance(n, int) and 1 <= n <= 4 for n in v),
+        "a non-empty list of object counts, each in [1, 4]",
+    )
+    n_census: int = _f(2000, lambda v: isinstance(v, int) and 9 <= v <= 1_000_000,
+                       "an integer in [9, 1000000] (samples per split checked against ground truth)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cell_px % self.patch_px:
+            raise ProfileError(f"field `patch_px` = {self.patch_px}: expected a divisor of cell_px = {self.cell_px}")
+
+    @property
+    def image_px(self) -> int:
+        return 3 * self.cell_px
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_px // self.patch_px) ** 2
+
+
+@dataclass(frozen=True)
+class PaperConfig(Section):
+    """The paper's models and data (../shared/METHOD.md); used when a profile has a `[paper]` section."""
+
+    vlm: str = _f("aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning", lambda v: isinstance(v, str) and v != "",
+                  "a hub id or local path of a LLaVA-MORE checkpoint (original LLaVA layout)")
+    llm: str = _f("meta-llama/Llama-3.1-8B-Instruct", lambda v: isinstance(v, str) and v != "",
+                  "a hub id or local path of the LLM inside the VLM")
+    vision_tower: str = _f("openai/clip-vit-large-patch14-336", lambda v: isinstance(v, str) and v != "",
+                           "a hub id or local path of the CLIP tower, used when the checkpoint has no tower weights")
+    sae_release: str = _f("llama_scope_lxr_8x", lambda v: isinstance(v, str) and v != "", "a SAELens release")
+    sae_id: str = _f("l{layer}r_8x", lambda v: isinstance(v, str) and "{layer}" in v,
+                     "a SAELens sae_id template containing `{layer}`")
+    topk: int = _int_in(50, 1, 4096)
+    vqa_dataset: str = _f("lmms-lab/VQAv2", lambda v: isinstance(v, str) and v != "", "a dataset id or local path")
+    vqa_split: str = _f("validation", lambda v: isinstance(v, str) and v != "", "a split name")
+    adapt_rows: tuple[int, ...] = _f((0, 50_000), lambda v: len(v) == 2 and 0 <= v[0] < v[1],
+                                     "[first, end) row range")
+    heldout_rows: tuple[int, ...] = _f((50_000, 54_096), lambda v: len(v) == 2 and 0 <= v[0] < v[1],
+                                       "[first, end) row range")
+    vsr_dataset: str = _f("cambridgeltl/vsr_random", lambda v: isinstance(v, str) and v != "",
+                          "a dataset id or local path")
+    n_spatial_questions: int = _int_in(20_000, 1, 1_000_000)
+    dtype: str = _f("bfloat16", lambda v: v in ("bfloat16", "float16", "float32"),
+                    "one of bfloat16, float16, float32")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    seed: int
+    world: WorldConfig | None = None
+    paper: PaperConfig | None = None
+
+    def __post_init__(self):
+        if (self.world is None) == (self.paper is None):
+            raise ProfileError("a profile has exactly one of the sections [world] (the organism) or [paper]")
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Profile)}
+_SECTION_TYPES = {"world": WorldConfig, "paper": PaperConfig}
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def _coerce(value, annotation: str, where: str, allowed: str):
+    """TOML has no tuples and writes 3.0 as a float; map what TOML gives onto the field's declared type."""
+    hint = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation)
+    if annotation.startswith("tuple"):
+        if not isinstance(value, list):
+            raise ProfileError(f"{where} = {value!r}: expected {allowed}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is not None and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ProfileError(f"{where} = {value!r}: expected {allowed}")
+    return value
+
+
+def _build(cls, raw: dict, path: Path, prefix: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ProfileError(f"{path}: unknown field `{prefix}{key}`; allowed fields: {', '.join(known)}")
+        f = known[key]
+        allowed = f.metadata.get("allowed", str(f.type))
+        kwargs[key] = _coerce(value, str(f.type), f"{path}: field `{prefix}{key}`", allowed)
+    try:
+        return cls(**kwargs)
+    except ProfileError as e:
+        raise ProfileError(f"{path}: {str(e).replace('field `', f'field `{prefix}', 1)}") from None
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load `lib/profiles/<name>.toml` (or a path to any profile file) and validate every field."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        raise ProfileError(f"no profile {str(name_or_path)!r} ({path} does not exist); "
+                           f"available: {', '.join(available_profiles())}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    top = {}
+    for key, value in raw.items():
+        if key not in _SECTIONS or key == "name":
+            raise ProfileError(f"{path}: unknown field `{key}`; allowed: "
+                               f"{', '.join(k for k in _SECTIONS if k != 'name')}")
+        if key in _SECTION_TYPES:
+            if not isinstance(value, dict):
+                raise ProfileError(f"{path}: field `{key}` must be a [{key}] table")
+            top[key] = _build(_SECTION_TYPES[key], value, path, f"{key}.")
+        else:
+            allowed = {"seed": "an integer", "description": "a string"}[key]
+            top[key] = _coerce(value, {"seed": "int", "description": "str"}[key], f"{path}: field `{key}`", allowed)
+    for required in ("seed", "description"):
+        if required not in top:
+            raise ProfileError(f"{path}: missing field `{required}`")
+    try:
+        return Profile(name=path.stem, **top)
+    except ProfileError as e:
+        raise ProfileError(f"{path}: {e}") from None
+
+
+def settings(section) -> dict:
+    """A section as plain JSON-able data, for cache keys."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+

@@ -1,0 +1,56 @@
+"""Profiles: every shipped profile loads; every mistake a user can make names the file and the field."""
+
+import pytest
+
+from lib.profiles import ProfileError, available_profiles, load_profile
+
+
+def test_shipped_profiles_load():
+    assert {"tiny", "default", "paper"} <= set(available_profiles())
+    for name in available_profiles():
+        assert load_profile(name).name == name
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "mine.toml"
+    p.write_text(text)
+    return p
+
+
+BASE = 'description = "x"\nseed = 0\n'
+
+
+def test_misspelt_field_names_file_and_field(tmp_path):
+    p = _write(tmp_path, BASE + "[world]\ncell_pz = 16\n")
+    with pytest.raises(ProfileError, match=r"mine\.toml.*world\.cell_pz.*allowed fields: cell_px"):
+        load_profile(p)
+
+
+def test_out_of_range_value_names_field_and_range(tmp_path):
+    p = _write(tmp_path, BASE + "[world]\ncell_px = 500\n")
+    with pytest.raises(ProfileError, match=r"mine\.toml.*world\.cell_px.*500.*\[4, 64\]"):
+        load_profile(p)
+
+
+def test_wrong_type_is_rejected(tmp_path):
+    p = _write(tmp_path, BASE + '[world]\ncell_px = "big"\n')
+    with pytest.raises(ProfileError, match=r"world\.cell_px.*'big'"):
+        load_profile(p)
+
+
+def test_cross_field_rule(tmp_path):
+    p = _write(tmp_path, BASE + "[world]\ncell_px = 16\npatch_px = 6\n")
+    with pytest.raises(ProfileError, match=r"mine\.toml.*world\.patch_px.*divisor of cell_px"):
+        load_profile(p)
+
+
+def test_unknown_section_and_missing_profile(tmp_path):
+    with pytest.raises(ProfileError, match=r"unknown field `wrold`"):
+        load_profile(_write(tmp_path, BASE + "[wrold]\ncell_px = 16\n"))
+    with pytest.raises(ProfileError, match=r"available: .*default"):
+        load_profile("no-such-profile")
+
+
+def test_profile_needs_exactly_one_setting(tmp_path):
+    with pytest.raises(ProfileError, match="exactly one"):
+        load_profile(_write(tmp_path, BASE))
