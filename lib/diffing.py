@@ -1,0 +1,129 @@
+"""Feature diffing: compare each feature of the base SAE with itself after adaptation (METHOD.md, step 2).
+
+Shape key: n = tokens, f = SAE features (width), d = model width.
+
+The per-feature table (one row per layer x variant x feature) is the hub of the later chapters. Its columns:
+    dec_cos, enc_cos      cosine between base and adapted decoder rows / encoder columns
+    dec_rel_l2            ||W_dec_adapted[i] - W_dec_base[i]|| / ||W_dec_base[i]||
+    visual_energy         E_v(i) = sum_img z_i^2 / (sum_img z_i^2 + sum_txt z_i^2) on held-out VLM activations
+    visual_energy_raw     the authors' second definition: mean z_i^2 on the VLM stream vs on the text-only LM
+                          stream, as a share m_vlm / (m_vlm + m_lm) so that both definitions live on [0, 1]
+    freq_img, freq_txt    firing frequency (z > 0) on image / text tokens
+    mean_abs_img, mean_abs_txt, img_txt_ratio
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+EPS = 1e-12
+
+
+def weight_diff(W_dec_base_fd: torch.Tensor, W_dec_adapt_fd: torch.Tensor, W_enc_base_df: torch.Tensor,
+                W_enc_adapt_df: torch.Tensor) -> pd.DataFrame:
+    """Per-feature decoder cosine, encoder cosine and relative L2 change of the decoder row."""
+    assert W_dec_base_fd.shape == W_dec_adapt_fd.shape, "base and adapted SAEs must have the same shape"
+    cos = torch.nn.functional.cosine_similarity
+    dec_cos = cos(W_dec_base_fd.double(), W_dec_adapt_fd.double(), dim=1)
+    enc_cos = cos(W_enc_base_df.double(), W_enc_adapt_df.double(), dim=0)
+    rel = (W_dec_adapt_fd - W_dec_base_fd).double().norm(dim=1) / (W_dec_base_fd.double().norm(dim=1) + EPS)
+    return pd.DataFrame({"feature": np.arange(len(dec_cos)), "dec_cos": dec_cos.numpy(),
+                         "enc_cos": enc_cos.numpy(), "dec_rel_l2": rel.numpy()})
+
+
+class FeatureStats:
+    """Streaming per-feature sums over tokens, split into image and text tokens.
+
+    `update(z_nf, image_mask_n)` once per batch; `frame()` at the end. Memory is O(f), whatever the data size.
+    Sums are kept in float64 so that millions of tokens add up exactly enough for ratios near 0 or 1.
+    """
+
+    def __init__(self, n_features: int):
+        zeros = lambda: torch.zeros(n_features, dtype=torch.float64)  # noqa: E731
+        self.sq_img, self.sq_txt = zeros(), zeros()
+        self.abs_img, self.abs_txt = zeros(), zeros()
+        self.fire_img, self.fire_txt = zeros(), zeros()
+        self.n_img = self.n_txt = 0
+
+    @torch.no_grad()
+    def update(self, z_nf: torch.Tensor, image_mask_n: torch.Tensor) -> None:
+        assert z_nf.shape[0] == image_mask_n.shape[0], f"{z_nf.shape} tokens vs mask {image_mask_n.shape}"
+        z = z_nf.double()
+        img, txt = z[image_mask_n], z[~image_mask_n]
+        self.sq_img += img.square().sum(0)
+        self.sq_txt += txt.square().sum(0)
+        self.abs_img += img.abs().sum(0)
+        self.abs_txt += txt.abs().sum(0)
+        self.fire_img += (img > 0).sum(0)
+        self.fire_txt += (txt > 0).sum(0)
+        self.n_img += img.shape[0]
+        self.n_txt += txt.shape[0]
+
+    def frame(self) -> pd.DataFrame:
+        total = self.sq_img + self.sq_txt
+        # A feature that never fires has no visual energy to speak of: 0, not NaN, so it is never "visual".
+        energy = torch.where(total > 0, self.sq_img / total.clamp_min(EPS), torch.zeros_like(total))
+        n_img, n_txt = max(self.n_img, 1), max(self.n_txt, 1)
+        mean_abs_img, mean_abs_txt = self.abs_img / n_img, self.abs_txt / n_txt
+        return pd.DataFrame({
+            "visual_energy": energy.numpy(),
+            "freq_img": (self.fire_img / n_img).numpy(),
+            "freq_txt": (self.fire_txt / n_txt).numpy(),
+            "mean_abs_img": mean_abs_img.numpy(),
+            "mean_abs_txt": mean_abs_txt.numpy(),
+            "img_txt_ratio": (mean_abs_img / mean_abs_txt.clamp_min(EPS)).numpy(),
+            "mean_sq_vlm": ((self.sq_img + self.sq_txt) / (n_img + n_txt)).numpy(),
+        })
+
+
+def raw_visual_energy(mean_sq_vlm: np.ndarray, mean_sq_lm: np.ndarray) -> np.ndarray:
+    """The authors' alternative: the VLM stream's mean z^2 as a share of (VLM + text-only LM), 0 if both are 0."""
+    total = mean_sq_vlm + mean_sq_lm
+    return np.where(total > 0, mean_sq_vlm / np.maximum(total, EPS), 0.0)
+
+
+def pooled_percentile(dec_cos: np.ndarray | pd.Series, q: float) -> float:
+    """The q-th percentile of decoder cosine pooled over all features of all layers (the book's choice; the
+    source also admits a per-layer percentile, shown as a check in the chapter). Linear interpolation (numpy's
+    default)."""
+    values = np.asarray(dec_cos, dtype=float)
+    assert np.isfinite(values).all(), "decoder cosines must be finite"
+    return float(np.percentile(values, q))
+
+
+def select_adapted(table: pd.DataFrame, eps: float, q: float, per_layer: bool = False) -> pd.Series:
+    """Adapted features: visual energy > eps and decoder cosine <= the q-th percentile of cosine.
+
+    `table` holds the rows of ONE variant (the book uses text-only). With `per_layer=True` the percentile is taken
+    within each layer instead of pooled over all layers."""
+    assert table["variant"].nunique() <= 1 if "variant" in table else True, "select within one variant"
+    if per_layer:
+        threshold = table.groupby("layer")["dec_cos"].transform(lambda c: np.percentile(c, q))
+    else:
+        threshold = pooled_percentile(table["dec_cos"], q)
+    return (table["visual_energy"] > eps) & (table["dec_cos"] <= threshold)
+
+
+def robustness_sweep(table: pd.DataFrame, eps_grid, q_grid, eps0: float, q0: float) -> pd.DataFrame:
+    """For every (eps, q): selected count, Jaccard with the default selection, and Pearson correlation of the
+    per-layer counts with the default's (NaN when either profile of counts is constant)."""
+    default = select_adapted(table, eps0, q0)
+    layers = np.sort(table["layer"].unique())
+    default_counts = table[default].groupby("layer").size().reindex(layers, fill_value=0).to_numpy()
+    rows = []
+    for eps, q in itertools.product(eps_grid, q_grid):
+        sel = select_adapted(table, eps, q)
+        union = (sel | default).sum()
+        counts = table[sel].groupby("layer").size().reindex(layers, fill_value=0).to_numpy()
+        if np.ptp(counts) == 0 or np.ptp(default_counts) == 0:
+            corr = np.nan
+        else:
+            corr = stats.pearsonr(counts, default_counts).statistic
+        rows.append({"eps": eps, "q": q, "selected": int(sel.sum()),
+                     "jaccard": float((sel & default).sum() / union) if union else 1.0, "layer_corr": corr})
+    return pd.DataFrame(rows)
