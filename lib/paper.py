@@ -1,0 +1,566 @@
+"""The `paper` profile's real models and data: LLaVA-MORE, Llama-3.1-8B-Instruct, Llama Scope SAEs, VQAv2, VSR.
+
+LLaVA-MORE (`aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning`) is published in the original LLaVA layout
+(`LlavaLlamaForCausalLM`, `model_type: llava_llama`), which `transformers` cannot load. `load_llava_more` maps it onto
+`transformers.LlavaForConditionalGeneration`, so the paper's model runs through the same adapter (lib/adapter.py) as
+the organism:
+
+    original key                                            LlavaForConditionalGeneration key
+    model.embed_tokens.* / model.layers.* / model.norm.*    model.language_model.{embed_tokens,layers,norm}.*
+    lm_head.*                                               lm_head.*
+    model.mm_projector.0.* / model.mm_projector.2.*         model.multi_modal_projector.linear_1.* / linear_2.*
+    model.vision_tower.vision_tower.vision_model.*          model.vision_tower.*   (when the checkpoint has them)
+
+`mlp2x_gelu` is Linear -> GELU (exact) -> Linear, the same as HF's projector with `projector_hidden_act="gelu"`;
+`mm_vision_select_layer -2` is `vision_feature_layer=-2`; `mm_vision_select_feature "patch"` (CLS dropped) is the
+"default" select strategy. When the checkpoint carries no tower weights, the tower is the CLIP model named by
+`mm_vision_tower` (`openai/clip-vit-large-patch14-336`), loaded from `clip=` (a local directory or a hub id). The CLIP
+directory is needed in both cases for the tower's config. (LLaVA-MORE's own loader always reloads the tower from
+`mm_vision_tower`; its tower was frozen in training, so both sources hold the same weights.)
+
+Prompts follow LLaVA-MORE's `llama_3_1` conversation: the Llama-3.1 chat template over
+[system: LLaVA-MORE's system prompt, user: "<image>\\n{question}"], with `add_generation_prompt=False` as in
+LLaVA-MORE's `Conversation.get_prompt` (the authors' activation code used the same call). LLaVA-MORE's tokenizer adds
+BOS and the template writes one too; LLaVA-MORE's evaluation strips the duplicate, and so do we (the prompt is
+tokenized with `add_special_tokens=False`). The authors' caching code (`vlm_scope`) kept both BOS tokens and dropped
+only the first; the book drops the single BOS (see `Batch.bos_bs`).
+
+Image preprocessing is LLaVA's `image_aspect_ratio: pad`: pad to a square with the CLIP mean colour (mean * 255,
+truncated to int), then CLIP's resize (shortest edge, bicubic) / centre crop / rescale / normalise, with PIL and numpy.
+
+Shape key: b batch, c channels, y/x image rows/columns, d model width, f SAE features.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lib.adapter import VLM
+
+LLAVA_MORE_ID = "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning"
+LLM_ID = "meta-llama/Llama-3.1-8B-Instruct"
+CLIP_ID = "openai/clip-vit-large-patch14-336"
+LLAMA_SCOPE_RELEASE = "llama_scope_lxr_8x"
+VQAV2_ID = "lmms-lab/VQAv2"
+VSR_ID = "cambridgeltl/vsr_random"
+
+# LLaVA-MORE's `conv_llava_llama_3_1` system prompt (src/llava/conversation.py).
+LLAVA_MORE_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+# HF LlavaForConditionalGeneration looks the image token up in the embedding before replacing it, so it must be an id
+# inside Llama-3.1's vocabulary; original LLaVA used the out-of-vocabulary id -200. A reserved special token is unused
+# by the model and is never produced by ordinary text.
+IMAGE_TOKEN = "<|reserved_special_token_0|>"
+
+# OpenAI CLIP normalisation, used when the CLIP directory has no preprocessor_config.json.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# VQAv2 validation rows of the paper (METHOD.md): 0..49,999 adapt the SAEs, 50,000..54,095 are held out.
+VQA_ADAPTATION_ROWS = range(0, 50_000)
+VQA_HELDOUT_ROWS = range(50_000, 54_096)
+
+# Columns each step reads (hub names). `load_vqav2` / `load_vsr` check them and fail with one message.
+VQA_ACTIVATION_COLUMNS = ("image", "question")
+VQA_TEXT_STREAM_COLUMNS = ("question", "image_id")
+VQA_PROBING_COLUMNS = ("image", "question", "question_id", "question_type")
+VSR_BENCHMARK_COLUMNS = ("image", "caption", "label", "relation")
+VSR_SPLIT_FILES = {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file or key and what was expected."""
+
+
+class DatasetSchemaError(ValueError):
+    """A dataset without a column a step needs; the message names the dataset and the column."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Locating files
+
+
+def local_dir(source: str | Path, what: str) -> Path:
+    """A local directory for `source`: itself if it exists, else the hub snapshot (the local cache when
+    HF_HUB_OFFLINE=1). Tests always pass local paths."""
+    path = Path(source)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source)))
+    except Exception as e:  # the hub client raises several types; the user needs one message
+        raise CheckpointError(
+            f"{what}: {source!r} is neither a local directory nor a hub id available here ({e})"
+        ) from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _shards(checkpoint: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index names, or a single model.safetensors."""
+    index = checkpoint / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a `weight_map` object")
+        files = [checkpoint / name for name in dict.fromkeys(weight_map.values())]
+    else:
+        files = [checkpoint / "model.safetensors"]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{checkpoint}: missing weight file {missing[0]}")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLaVA-MORE: config, weights, preprocessing, prompt
+
+# The Llama fields an original-layout config carries next to the LLaVA ones (transformers 4.43 names).
+_LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "pretraining_tp",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
+_REQUIRED_LLAMA = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+def llava_config(checkpoint: Path, vision_config, image_token_id: int):
+    """HF `LlavaConfig` from an original-layout `config.json` and the tower's `CLIPVisionConfig`."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    path = checkpoint / "config.json"
+    cfg = _read_json(path)
+    if cfg.get("model_type") != "llava_llama":
+        raise CheckpointError(
+            f"{path}: field `model_type` = {cfg.get('model_type')!r}; expected 'llava_llama' "
+            "(an original-LLaVA-layout checkpoint such as LLaVA-MORE)"
+        )
+    for field in (*_REQUIRED_LLAMA, "mm_hidden_size", "mm_vision_select_layer"):
+        if field not in cfg:
+            raise CheckpointError(f"{path}: missing field `{field}`")
+    checks = {
+        "mm_projector_type": ("mlp2x_gelu",),
+        "mm_vision_select_feature": tuple(_SELECT_FEATURE),
+        "image_aspect_ratio": ("pad",),
+    }
+    for field, allowed in checks.items():
+        if cfg.get(field) not in allowed:
+            raise CheckpointError(f"{path}: field `{field}` = {cfg.get(field)!r}; expected one of {list(allowed)}")
+    if cfg["mm_hidden_size"] != vision_config.hidden_size:
+        raise CheckpointError(
+            f"{path}: field `mm_hidden_size` = {cfg['mm_hidden_size']} but the vision tower's "
+            f"hidden_size is {vision_config.hidden_size}"
+        )
+    text_config = LlamaConfig(**{k: cfg[k] for k in _LLAMA_FIELDS if k in cfg})
+    side = vision_config.image_size // vision_config.patch_size
+    strategy = _SELECT_FEATURE[cfg["mm_vision_select_feature"]]
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=side * side + (strategy == "full"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=int(cfg["mm_vision_select_layer"]),
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+_RENAMES = (  # first matching prefix wins
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    (_TOWER_PREFIX, "model.vision_tower."),
+    ("model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
+)
+
+
+def hf_key(original_key: str) -> str | None:
+    """The LlavaForConditionalGeneration name of an original-layout key; None for keys that hold no weights the
+    model needs (rotary caches some older checkpoints saved)."""
+    if original_key.endswith("rotary_emb.inv_freq"):
+        return None
+    for old, new in _RENAMES:
+        if original_key.startswith(old):
+            return new + original_key[len(old) :]
+    return "?" + original_key  # unmapped: reported as unexpected
+
+
+def _default_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+@torch.no_grad()
+def convert_llava_more(
+    checkpoint: str | Path, clip: str | Path | None = None, *, image_token_id: int, device=None, dtype=None
+):
+    """An HF `LlavaForConditionalGeneration` holding an original-layout LLaVA checkpoint's weights.
+
+    Every parameter of the HF model must come from the checkpoint (or, for the tower, from `clip`), with the right
+    shape; the first missing or misshapen key raises one `CheckpointError` naming it. Unmapped checkpoint keys are
+    an error too, so no weight is silently dropped. Shards are read one tensor at a time into the model, so peak
+    memory is the model plus one tensor.
+    """
+    from safetensors import safe_open
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
+
+    checkpoint = local_dir(checkpoint, "LLaVA checkpoint")
+    device, dtype = _default_device_dtype(device, dtype)
+    clip_source = clip if clip is not None else _read_json(checkpoint / "config.json").get("mm_vision_tower", CLIP_ID)
+    clip_dir = local_dir(clip_source, "CLIP vision tower")
+    vision_config = CLIPVisionConfig.from_pretrained(clip_dir)
+    config = llava_config(checkpoint, vision_config, image_token_id)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for shard in _shards(checkpoint):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                name = hf_key(key)
+                if name is None:
+                    continue
+                if name not in params:
+                    unexpected.append(key)
+                    continue
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise CheckpointError(
+                        f"{shard.name}: key `{key}` has shape {tuple(tensor.shape)}; expected "
+                        f"{tuple(params[name].shape)} (for `{name}`)"
+                    )
+                params[name].copy_(tensor)
+                filled.add(name)
+    if unexpected:
+        raise CheckpointError(
+            f"{checkpoint}: key `{unexpected[0]}` has no place in LlavaForConditionalGeneration "
+            f"({len(unexpected)} such keys)"
+        )
+    tower_params = {n for n in params if n.startswith("model.vision_tower.")}
+    if not tower_params & filled:
+        # No tower in the checkpoint: the CLIP model named by mm_vision_tower, loaded on its own.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a full CLIPModel's text tower is 'unexpected' here, by design
+        try:
+            tower, info = CLIPVisionModel.from_pretrained(clip_dir, output_loading_info=True, dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if info["missing_keys"]:
+            raise CheckpointError(f"{clip_dir}: missing vision-tower key `{sorted(info['missing_keys'])[0]}`")
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+        filled |= tower_params
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(params) - filled - tied)
+    if missing:
+        original = next((o + missing[0][len(n) :] for o, n in reversed(_RENAMES) if missing[0].startswith(n)), "")
+        raise CheckpointError(
+            f"{checkpoint}: missing key `{original or missing[0]}` (for `{missing[0]}`; "
+            f"{len(missing)} parameters missing in all)"
+        )
+    return model.eval()
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's `expand2square`: the image centred on a square canvas of `fill` (offset rounded down)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+@dataclass(frozen=True)
+class PadPreprocess:
+    """images -> pixel_values_bcyx as LLaVA-MORE prepares them (`image_aspect_ratio: pad` + CLIP processing)."""
+
+    size: int
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    @classmethod
+    def from_clip(cls, clip_dir: str | Path, image_size: int) -> PadPreprocess:
+        cfg_path = Path(clip_dir) / "preprocessor_config.json"
+        if not cfg_path.exists():
+            return cls(image_size)
+        cfg = _read_json(cfg_path)
+        crop = cfg.get("crop_size", image_size)
+        crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+        if crop != image_size:
+            raise CheckpointError(f"{cfg_path}: crop size {crop} differs from the tower's image_size {image_size}")
+        mean, std = tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("image_std", OPENAI_CLIP_STD))
+        return cls(image_size, mean, std)
+
+    def one(self, image: Any) -> np.ndarray:
+        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        img = expand_to_square(img.convert("RGB"), tuple(int(m * 255) for m in self.image_mean))
+        w, h = img.size
+        # CLIP: shortest edge to `size` (bicubic), then a centred `size` x `size` crop.
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.size * long / short)
+        new_w, new_h = (self.size, new_long) if w <= h else (new_long, self.size)
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x_yxc = np.asarray(img, dtype=np.float32) / 255.0
+        x_yxc = (x_yxc - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return x_yxc.transpose(2, 0, 1)
+
+    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.one(im) for im in images]))
+
+
+def llava_more_prompt(tokenizer, question: str, *, add_generation_prompt: bool = False) -> str:
+    """LLaVA-MORE's `llama_3_1` prompt for `<image>\\n{question}` (module docstring)."""
+    messages = [{"role": "system", "content": LLAVA_MORE_SYSTEM}, {"role": "user", "content": f"<image>\n{question}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def text_stream_prompt(tokenizer, caption: str, question: str) -> str:
+    """The text-only reference prompt: `Caption: {caption}\\nInstruction: {question}` as the user turn of the
+    Llama-3.1-Instruct chat template, ending with the assistant header (the authors' `apply_chat_template` call)."""
+    messages = [{"role": "user", "content": f"Caption: {caption}\nInstruction: {question}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def image_token_id_of(tokenizer, token: str = IMAGE_TOKEN) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+        raise CheckpointError(f"the tokenizer has no token {token!r} to stand for image patches")
+    return int(token_id)
+
+
+def load_paper_vlm(
+    vlm: str | Path = LLAVA_MORE_ID,
+    llm: str | Path | None = LLM_ID,
+    clip: str | Path | None = None,
+    *,
+    device=None,
+    dtype=None,
+    add_generation_prompt: bool = False,
+) -> VLM:
+    """The paper's VLM bundle: converted LLaVA-MORE, its tokenizer, pad preprocessing and prompt, and (unless
+    `llm=None`) Llama-3.1-8B-Instruct with its tokenizer and the text-only prompt. bf16 on GPU, fp32 on CPU."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    device, dtype = _default_device_dtype(device, dtype)
+    checkpoint = local_dir(vlm, "LLaVA-MORE checkpoint")
+    # Not AutoTokenizer: it reads config.json first, and transformers has no `llava_llama` model type.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    model = convert_llava_more(
+        checkpoint, clip, image_token_id=image_token_id_of(tokenizer), device=device, dtype=dtype
+    )
+    clip_dir = local_dir(
+        clip if clip is not None else _read_json(checkpoint / "config.json")["mm_vision_tower"], "CLIP vision tower"
+    )
+    bundle = dict(
+        model=model,
+        tokenizer=tokenizer,
+        preprocess=PadPreprocess.from_clip(clip_dir, model.config.vision_config.image_size),
+        prompt=partial(llava_more_prompt, tokenizer, add_generation_prompt=add_generation_prompt),
+        image_placeholder="<image>",
+        add_special_tokens=False,  # the chat template writes BOS
+    )
+    if llm is not None:
+        llm_dir = local_dir(llm, "Llama-3.1-8B-Instruct")
+        lm_tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        base_lm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype).to(device)
+        bundle.update(
+            base_lm=base_lm,
+            lm_tokenizer=lm_tokenizer,
+            lm_prompt=partial(text_stream_prompt, lm_tokenizer),
+            lm_add_special_tokens=False,
+        )
+    return VLM(**bundle)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Base SAEs: Llama Scope rebuilt as TopK
+
+
+def jumprelu_to_topk(sae, k: int):
+    """A SAELens `TopKSAE` with `sae`'s W_enc, b_enc, W_dec, b_dec (copies) and config, keeping the top `k`
+    pre-activations instead of thresholding (the authors' rebuild of Llama Scope; the threshold is dropped)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    arch = sae.cfg.architecture()
+    if arch != "jumprelu":
+        raise ValueError(f"jumprelu_to_topk expects a JumpReLU SAE, got architecture {arch!r}")
+    if not 0 < k <= sae.cfg.d_sae:
+        raise ValueError(f"k = {k}: expected 1 <= k <= d_sae = {sae.cfg.d_sae}")
+    cfg = TopKSAEConfig.from_dict({**sae.cfg.to_dict(), "architecture": "topk", "k": int(k)})
+    topk = TopKSAE(cfg)
+    state = sae.state_dict()
+    topk.load_state_dict({name: state[name].detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    return topk
+
+
+def load_llama_scope_topk(layer: int, k: int = 50, device: str = "cpu", dtype: str = "float32"):
+    """Llama Scope's residual SAE for `layer` (SAELens release `llama_scope_lxr_8x`, id `l{layer}r_8x`; SAELens
+    folds the dataset norm scaling into the weights) rebuilt as a TopK SAE with `k` active features."""
+    from sae_lens import SAE
+
+    return jumprelu_to_topk(SAE.from_pretrained(LLAMA_SCOPE_RELEASE, f"l{layer}r_8x", device=device, dtype=dtype), k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def check_columns(ds, needed: Sequence[str], name: str) -> None:
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise DatasetSchemaError(
+            f"dataset {name}: missing column {missing[0]!r} (needed {list(needed)}; found {ds.column_names})"
+        )
+
+
+def _load_split(source: str | Path, split: str, hub_kwargs: dict | None = None):
+    """A `datasets.Dataset` for `split` of `source`: a directory written by `save_to_disk` (Dataset or
+    DatasetDict), a directory of parquet/jsonl files named after their split (the hub's layouts:
+    `data/{split}-*.parquet`, `{split}.jsonl`), a single parquet/jsonl file, or a hub id."""
+    import datasets
+
+    path = Path(source)
+    if not path.exists():
+        return datasets.load_dataset(str(source), split=split, **(hub_kwargs or {}))
+    if path.is_file():
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DatasetSchemaError(f"dataset {path}: no split {split!r} (has {list(ds)})")
+            ds = ds[split]
+        return ds
+    layouts = (("parquet", f"{split}-*.parquet"), ("parquet", f"{split}.parquet"), ("json", f"{split}.jsonl"))
+    for kind, pattern in layouts:
+        files = sorted(str(f) for f in path.rglob(pattern))
+        if files:
+            return datasets.load_dataset(kind, data_files=files, split="train")
+    raise DatasetSchemaError(f"dataset {path}: no `save_to_disk` data and no {split}-*.parquet / {split}.jsonl files")
+
+
+def _rows(ds, rows: range | None, name: str):
+    if rows is None:
+        return ds
+    if rows.stop > len(ds):
+        raise DatasetSchemaError(f"dataset {name}: rows {rows.start}..{rows.stop - 1} requested, only {len(ds)} rows")
+    return ds.select(rows)
+
+
+def load_vqav2(
+    source: str | Path = VQAV2_ID,
+    rows: range | None = None,
+    columns: Sequence[str] = VQA_ACTIVATION_COLUMNS,
+    split: str = "validation",
+):
+    """`lmms-lab/VQAv2` (split `validation`, 214,354 rows; columns question_type, multiple_choice_answer, answers,
+    image_id, answer_type, question_id, question, image), a local copy of it, or a tiny stand-in with its column
+    names. `rows`: e.g. VQA_ADAPTATION_ROWS; `columns`: what the calling step reads, checked first."""
+    ds = _load_split(source, split)
+    check_columns(ds, columns, str(source))
+    return _rows(ds, rows, str(source))
+
+
+def load_vsr(source: str | Path = VSR_ID, split: str = "test", columns: Sequence[str] = VSR_BENCHMARK_COLUMNS):
+    """`cambridgeltl/vsr_random` (jsonl splits train/dev/test; columns image (a COCO 2017 file name), image_link,
+    caption, label (1 = true), relation, annotator_id, vote_true/false_validator_id), or a local copy."""
+    hub_kwargs = {"data_files": VSR_SPLIT_FILES}
+    ds = _load_split(source, split, hub_kwargs)
+    check_columns(ds, columns, str(source))
+    return ds
+
+
+def vsr_image(row: dict, image_root: str | Path | None) -> Image.Image:
+    """The image of a VSR row: the row's own image if the dataset holds one, else the COCO file `image` found under
+    `image_root` (directly, or in the train2017/val2017 folder its `image_link` names)."""
+    image = row["image"]
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if image_root is None:
+        raise FileNotFoundError(
+            f"VSR image {image!r}: the dataset holds file names only; pass image_root (a COCO 2017 image directory)"
+        )
+    root = Path(image_root)
+    link_dir = Path(str(row.get("image_link") or "")).parent.name
+    candidates = [root / image] + ([root / link_dir / image] if link_dir else [])
+    for path in candidates:
+        if path.exists():
+            return Image.open(path).convert("RGB")
+    raise FileNotFoundError(f"VSR image {image!r}: not found at {' or '.join(str(c) for c in candidates)}")
+
+
+def load_coco_captions(path: str | Path) -> dict[int, str]:
+    """COCO image id -> its first caption (file order), from a COCO captions annotation file such as
+    `captions_val2014.json` (annotations_trainval2014.zip from cocodataset.org): VQAv2's validation images are COCO
+    val2014, matched through VQAv2's `image_id`. The authors took the first caption per image the same way."""
+    path = Path(path)
+    data = _read_json(path)
+    anns = data.get("annotations")
+    if not isinstance(anns, list) or (anns and not {"image_id", "caption"} <= set(anns[0])):
+        raise DatasetSchemaError(f"{path}: expected COCO captions JSON with `annotations` holding image_id and caption")
+    captions: dict[int, str] = {}
+    for a in anns:
+        captions.setdefault(int(a["image_id"]), a["caption"].strip())
+    return captions
+
+
+def text_stream_pairs(vqa, captions: dict[int, str], name: str = VQAV2_ID) -> tuple[list[str], list[str]]:
+    """(captions, questions) for the text-only stream of VQAv2 rows; an image without a caption is an error."""
+    check_columns(vqa, VQA_TEXT_STREAM_COLUMNS, name)
+    image_ids, questions = vqa["image_id"], vqa["question"]
+    missing = next((i for i in image_ids if int(i) not in captions), None)
+    if missing is not None:
+        raise DatasetSchemaError(f"dataset {name}: image_id {missing} has no COCO caption in the captions file")
+    return [captions[int(i)] for i in image_ids], list(questions)
