@@ -60,15 +60,18 @@ print(P.description, "|", P.world)
 # image is a sequence of these patches for the VLM, in raster order.
 
 # %%
-samples = [W.make_sample(P.seed, "train", i, tuple(W.QTYPES), P.world.cell_px, P.world.n_objects)
-           for i in range(len(W.QTYPES))]
+samples = [
+    W.make_sample(P.seed, "train", i, tuple(W.QTYPES), P.world.cell_px, P.world.n_objects) for i in range(len(W.QTYPES))
+]
 fig, axes = plt.subplots(1, len(samples), figsize=(2.1 * len(samples), 3.3))
-for ax, s in zip(axes, samples):
+for ax, s in zip(axes, samples, strict=True):
     ax.imshow(s.scene.render(), interpolation="nearest")
     for t in range(0, P.world.image_px + 1, P.world.patch_px):
         ax.axhline(t - 0.5, color="white", lw=0.3, alpha=0.35)
         ax.axvline(t - 0.5, color="white", lw=0.3, alpha=0.35)
-    ax.set_xticks([]); ax.set_yticks([]); ax.grid(False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
     q = s.question.replace("statement : ", "").replace(" . is this correct ?", " ?")
     ax.set_title(s.qtype, fontsize=9)
     ax.set_xlabel(f"{q}\n→ {s.answer}", fontsize=7, wrap=True)
@@ -102,12 +105,18 @@ assert census.answer_consistent.all(), census[~census.answer_consistent].head()
 assert census.pixels_consistent.all(), census[~census.pixels_consistent].head()
 print(f"{len(census)} samples checked: every answer and every image agrees with its scene's ground truth")
 
-types = (census[census.split != "bench"].groupby(["qtype", "family"], sort=False)
-         .agg(n=("answer", "size"), distinct_answers=("answer", "nunique"),
-              share_yes=("answer", lambda a: (a == "yes").mean()),
-              majority_share=("answer", lambda a: a.value_counts(normalize=True).iloc[0]),
-              keyword_spatial=("keyword_spatial", "mean"))
-         .reset_index())
+types = (
+    census[census.split != "bench"]
+    .groupby(["qtype", "family"], sort=False)
+    .agg(
+        n=("answer", "size"),
+        distinct_answers=("answer", "nunique"),
+        share_yes=("answer", lambda a: (a == "yes").mean()),
+        majority_share=("answer", lambda a: a.value_counts(normalize=True).iloc[0]),
+        keyword_spatial=("keyword_spatial", "mean"),
+    )
+    .reset_index()
+)
 out.table(types, "question_types")
 
 # %% [markdown]
@@ -120,7 +129,8 @@ counts = census[census.split == "train"].groupby(["qtype", "answer"]).size().uns
 counts = counts.loc[list(W.QTYPES)]
 counts.plot.barh(stacked=True, ax=ax, legend=False, colormap="tab20", width=0.8)
 ax.invert_yaxis()
-ax.set_xlabel("samples in the training census"); ax.set_ylabel("")
+ax.set_xlabel("samples in the training census")
+ax.set_ylabel("")
 ax.set_title("Question types and the spread of their answers")
 out.figure(fig, "question_counts")
 

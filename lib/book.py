@@ -21,8 +21,15 @@ BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
 def style() -> None:
     """One look for every figure in the book."""
     sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
-    matplotlib.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
-                                "axes.titleweight": "bold", "figure.autolayout": False})
+    matplotlib.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 150,
+            "savefig.bbox": "tight",
+            "axes.titleweight": "bold",
+            "figure.autolayout": False,
+        }
+    )
 
 
 def _display(obj) -> None:
@@ -51,6 +58,7 @@ class Outputs:
         plt.close(fig)
         try:
             from IPython.display import Image
+
             _display(Image(filename=str(png)))
         except ImportError:
             pass
@@ -64,4 +72,3 @@ class Outputs:
         if show:
             _display(df.style.format(float_format, subset=df.select_dtypes("float").columns).hide(axis="index"))
         return path
-

@@ -22,9 +22,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -60,7 +60,8 @@ def make_key(name: str, version: int, settings: dict, deps: tuple[Artifact, ...]
     """SHA-256 of the canonical JSON of everything the artifact depends on."""
     blob = json.dumps(
         {"name": name, "version": version, "settings": settings, "deps": sorted(d.key for d in deps)},
-        sort_keys=True, separators=(",", ":"),
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -101,8 +102,15 @@ class Cache:
                 raise CorruptArtifact(f"{f}: checksum differs from the manifest (corrupted)")
         return manifest
 
-    def get(self, name: str, settings: dict, build: Callable[[Path], dict | None], *,
-            deps: tuple[Artifact, ...] | list[Artifact] = (), version: int = 1) -> Artifact:
+    def get(
+        self,
+        name: str,
+        settings: dict,
+        build: Callable[[Path], dict | None],
+        *,
+        deps: tuple[Artifact, ...] | list[Artifact] = (),
+        version: int = 1,
+    ) -> Artifact:
         deps = tuple(deps)
         key = make_key(name, version, settings, deps)
         final = self.path(name, key)
@@ -124,10 +132,18 @@ class Cache:
                 save_json(tmp / "info.json", info)
             files = {
                 str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                for p in sorted(tmp.rglob("*")) if p.is_file()
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
             }
-            manifest = {"name": name, "key": key, "version": version, "settings": settings,
-                        "deps": {d.name: d.key for d in deps}, "build_s": round(seconds, 3), "files": files}
+            manifest = {
+                "name": name,
+                "key": key,
+                "version": version,
+                "settings": settings,
+                "deps": {d.name: d.key for d in deps},
+                "build_s": round(seconds, 3),
+                "files": files,
+            }
             _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
             try:
                 os.rename(tmp, final)  # atomic publish: readers see all of it or none of it
@@ -157,6 +173,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 # Formats: one function pair each, so every artifact reads back the way it was written.
+
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)

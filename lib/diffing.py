@@ -24,16 +24,23 @@ from scipy import stats
 EPS = 1e-12
 
 
-def weight_diff(W_dec_base_fd: torch.Tensor, W_dec_adapt_fd: torch.Tensor, W_enc_base_df: torch.Tensor,
-                W_enc_adapt_df: torch.Tensor) -> pd.DataFrame:
+def weight_diff(
+    W_dec_base_fd: torch.Tensor, W_dec_adapt_fd: torch.Tensor, W_enc_base_df: torch.Tensor, W_enc_adapt_df: torch.Tensor
+) -> pd.DataFrame:
     """Per-feature decoder cosine, encoder cosine and relative L2 change of the decoder row."""
     assert W_dec_base_fd.shape == W_dec_adapt_fd.shape, "base and adapted SAEs must have the same shape"
     cos = torch.nn.functional.cosine_similarity
     dec_cos = cos(W_dec_base_fd.double(), W_dec_adapt_fd.double(), dim=1)
     enc_cos = cos(W_enc_base_df.double(), W_enc_adapt_df.double(), dim=0)
     rel = (W_dec_adapt_fd - W_dec_base_fd).double().norm(dim=1) / (W_dec_base_fd.double().norm(dim=1) + EPS)
-    return pd.DataFrame({"feature": np.arange(len(dec_cos)), "dec_cos": dec_cos.numpy(),
-                         "enc_cos": enc_cos.numpy(), "dec_rel_l2": rel.numpy()})
+    return pd.DataFrame(
+        {
+            "feature": np.arange(len(dec_cos)),
+            "dec_cos": dec_cos.numpy(),
+            "enc_cos": enc_cos.numpy(),
+            "dec_rel_l2": rel.numpy(),
+        }
+    )
 
 
 class FeatureStats:
@@ -70,15 +77,17 @@ class FeatureStats:
         energy = torch.where(total > 0, self.sq_img / total.clamp_min(EPS), torch.zeros_like(total))
         n_img, n_txt = max(self.n_img, 1), max(self.n_txt, 1)
         mean_abs_img, mean_abs_txt = self.abs_img / n_img, self.abs_txt / n_txt
-        return pd.DataFrame({
-            "visual_energy": energy.numpy(),
-            "freq_img": (self.fire_img / n_img).numpy(),
-            "freq_txt": (self.fire_txt / n_txt).numpy(),
-            "mean_abs_img": mean_abs_img.numpy(),
-            "mean_abs_txt": mean_abs_txt.numpy(),
-            "img_txt_ratio": (mean_abs_img / mean_abs_txt.clamp_min(EPS)).numpy(),
-            "mean_sq_vlm": ((self.sq_img + self.sq_txt) / (n_img + n_txt)).numpy(),
-        })
+        return pd.DataFrame(
+            {
+                "visual_energy": energy.numpy(),
+                "freq_img": (self.fire_img / n_img).numpy(),
+                "freq_txt": (self.fire_txt / n_txt).numpy(),
+                "mean_abs_img": mean_abs_img.numpy(),
+                "mean_abs_txt": mean_abs_txt.numpy(),
+                "img_txt_ratio": (mean_abs_img / mean_abs_txt.clamp_min(EPS)).numpy(),
+                "mean_sq_vlm": ((self.sq_img + self.sq_txt) / (n_img + n_txt)).numpy(),
+            }
+        )
 
 
 def raw_visual_energy(mean_sq_vlm: np.ndarray, mean_sq_lm: np.ndarray) -> np.ndarray:
@@ -124,6 +133,13 @@ def robustness_sweep(table: pd.DataFrame, eps_grid, q_grid, eps0: float, q0: flo
             corr = np.nan
         else:
             corr = stats.pearsonr(counts, default_counts).statistic
-        rows.append({"eps": eps, "q": q, "selected": int(sel.sum()),
-                     "jaccard": float((sel & default).sum() / union) if union else 1.0, "layer_corr": corr})
+        rows.append(
+            {
+                "eps": eps,
+                "q": q,
+                "selected": int(sel.sum()),
+                "jaccard": float((sel & default).sum() / union) if union else 1.0,
+                "layer_corr": corr,
+            }
+        )
     return pd.DataFrame(rows)

@@ -33,7 +33,7 @@ def _pixels_agree(sample: W.Sample) -> bool:
     inside = np.zeros_like(drawn)
     for o in sample.scene.objects:
         x0, y0, x1, y1 = o.box
-        inside[y0:y1 + 1, x0:x1 + 1] = True
+        inside[y0 : y1 + 1, x0 : x1 + 1] = True
     return not (drawn & ~inside).any()
 
 
@@ -44,11 +44,21 @@ def world_census(P: Profile, cache: Cache) -> tuple[pd.DataFrame, Artifact]:
         rows = []
         for split, qtypes in CENSUS_SPLITS.items():
             for s in W.make_samples(P.seed, split, P.world.n_census, qtypes, P.world.cell_px, P.world.n_objects):
-                rows.append(dict(
-                    split=split, index=s.index, qtype=s.qtype, family=s.family, question=s.question,
-                    answer=s.answer, keyword_spatial=s.spatial, relation=s.relation, n_objects=len(s.scene.objects),
-                    answer_consistent=W.check_answer(s), pixels_consistent=_pixels_agree(s),
-                ))
+                rows.append(
+                    dict(
+                        split=split,
+                        index=s.index,
+                        qtype=s.qtype,
+                        family=s.family,
+                        question=s.question,
+                        answer=s.answer,
+                        keyword_spatial=s.spatial,
+                        relation=s.relation,
+                        n_objects=len(s.scene.objects),
+                        answer_consistent=W.check_answer(s),
+                        pixels_consistent=_pixels_agree(s),
+                    )
+                )
         save_table(out / "census.parquet", pd.DataFrame(rows))
 
     art = cache.get("world-census", world_settings(P), build, version=1)

@@ -42,18 +42,25 @@ def fisher_table(c_sp: np.ndarray, n_sp: int, c_gen: np.ndarray, n_gen: int) -> 
     c_sp, c_gen = np.asarray(c_sp, dtype=np.int64), np.asarray(c_gen, dtype=np.int64)
     assert c_sp.shape == c_gen.shape and (c_sp <= n_sp).all() and (c_gen <= n_gen).all(), "counts exceed totals"
     odds, p = np.empty(len(c_sp)), np.empty(len(c_sp))
-    for i, (a, c) in enumerate(zip(c_sp, c_gen)):
+    for i, (a, c) in enumerate(zip(c_sp, c_gen, strict=True)):
         if a == 0 and c == 0:
             odds[i], p[i] = np.nan, 1.0
             continue
         res = stats.fisher_exact([[a, n_sp - a], [c, n_gen - c]], alternative="greater")
         odds[i], p[i] = res.statistic, res.pvalue
     freq_sp, freq_gen = c_sp / max(n_sp, 1), c_gen / max(n_gen, 1)
-    return pd.DataFrame({
-        "c_spatial": c_sp, "c_general": c_gen, "freq_spatial": freq_sp, "freq_general": freq_gen,
-        "delta_freq": freq_sp - freq_gen, "odds_ratio": odds, "p_value": p,
-        "p_adj": stats.false_discovery_control(p, method="bh"),
-    })
+    return pd.DataFrame(
+        {
+            "c_spatial": c_sp,
+            "c_general": c_gen,
+            "freq_spatial": freq_sp,
+            "freq_general": freq_gen,
+            "delta_freq": freq_sp - freq_gen,
+            "odds_ratio": odds,
+            "p_value": p,
+            "p_adj": stats.false_discovery_control(p, method="bh"),
+        }
+    )
 
 
 def select_spatial(table: pd.DataFrame, min_odds: float, min_delta: float) -> pd.Series:

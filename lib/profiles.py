@@ -50,11 +50,15 @@ class WorldConfig(Section):
     cell_px: int = _f(16, lambda v: isinstance(v, int) and 4 <= v <= 64, "an integer in [4, 64]")
     patch_px: int = _f(8, lambda v: isinstance(v, int) and 2 <= v <= 64, "an integer in [2, 64]")
     n_objects: tuple[int, ...] = _f(
-        (2, 3), lambda v: len(v) > 0 and all(isinstance(n, int) and 1 <= n <= 4 for n in v),
+        (2, 3),
+        lambda v: len(v) > 0 and all(isinstance(n, int) and 1 <= n <= 4 for n in v),
         "a non-empty list of object counts, each in [1, 4]",
     )
-    n_census: int = _f(2000, lambda v: isinstance(v, int) and 9 <= v <= 1_000_000,
-                       "an integer in [9, 1000000] (samples per split checked against ground truth)")
+    n_census: int = _f(
+        2000,
+        lambda v: isinstance(v, int) and 9 <= v <= 1_000_000,
+        "an integer in [9, 1000000] (samples per split checked against ground truth)",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,27 +78,39 @@ class WorldConfig(Section):
 class PaperConfig(Section):
     """The paper's models and data (../shared/METHOD.md); used when a profile has a `[paper]` section."""
 
-    vlm: str = _f("aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning", lambda v: isinstance(v, str) and v != "",
-                  "a hub id or local path of a LLaVA-MORE checkpoint (original LLaVA layout)")
-    llm: str = _f("meta-llama/Llama-3.1-8B-Instruct", lambda v: isinstance(v, str) and v != "",
-                  "a hub id or local path of the LLM inside the VLM")
-    vision_tower: str = _f("openai/clip-vit-large-patch14-336", lambda v: isinstance(v, str) and v != "",
-                           "a hub id or local path of the CLIP tower, used when the checkpoint has no tower weights")
+    vlm: str = _f(
+        "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning",
+        lambda v: isinstance(v, str) and v != "",
+        "a hub id or local path of a LLaVA-MORE checkpoint (original LLaVA layout)",
+    )
+    llm: str = _f(
+        "meta-llama/Llama-3.1-8B-Instruct",
+        lambda v: isinstance(v, str) and v != "",
+        "a hub id or local path of the LLM inside the VLM",
+    )
+    vision_tower: str = _f(
+        "openai/clip-vit-large-patch14-336",
+        lambda v: isinstance(v, str) and v != "",
+        "a hub id or local path of the CLIP tower, used when the checkpoint has no tower weights",
+    )
     sae_release: str = _f("llama_scope_lxr_8x", lambda v: isinstance(v, str) and v != "", "a SAELens release")
-    sae_id: str = _f("l{layer}r_8x", lambda v: isinstance(v, str) and "{layer}" in v,
-                     "a SAELens sae_id template containing `{layer}`")
+    sae_id: str = _f(
+        "l{layer}r_8x",
+        lambda v: isinstance(v, str) and "{layer}" in v,
+        "a SAELens sae_id template containing `{layer}`",
+    )
     topk: int = _int_in(50, 1, 4096)
     vqa_dataset: str = _f("lmms-lab/VQAv2", lambda v: isinstance(v, str) and v != "", "a dataset id or local path")
     vqa_split: str = _f("validation", lambda v: isinstance(v, str) and v != "", "a split name")
-    adapt_rows: tuple[int, ...] = _f((0, 50_000), lambda v: len(v) == 2 and 0 <= v[0] < v[1],
-                                     "[first, end) row range")
-    heldout_rows: tuple[int, ...] = _f((50_000, 54_096), lambda v: len(v) == 2 and 0 <= v[0] < v[1],
-                                       "[first, end) row range")
-    vsr_dataset: str = _f("cambridgeltl/vsr_random", lambda v: isinstance(v, str) and v != "",
-                          "a dataset id or local path")
+    adapt_rows: tuple[int, ...] = _f((0, 50_000), lambda v: len(v) == 2 and 0 <= v[0] < v[1], "[first, end) row range")
+    heldout_rows: tuple[int, ...] = _f(
+        (50_000, 54_096), lambda v: len(v) == 2 and 0 <= v[0] < v[1], "[first, end) row range"
+    )
+    vsr_dataset: str = _f(
+        "cambridgeltl/vsr_random", lambda v: isinstance(v, str) and v != "", "a dataset id or local path"
+    )
     n_spatial_questions: int = _int_in(20_000, 1, 1_000_000)
-    dtype: str = _f("bfloat16", lambda v: v in ("bfloat16", "float16", "float32"),
-                    "one of bfloat16, float16, float32")
+    dtype: str = _f("bfloat16", lambda v: v in ("bfloat16", "float16", "float32"), "one of bfloat16, float16, float32")
 
 
 @dataclass(frozen=True)
@@ -153,8 +169,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
     if path.suffix != ".toml":
         path = PROFILE_DIR / f"{name_or_path}.toml"
     if not path.exists():
-        raise ProfileError(f"no profile {str(name_or_path)!r} ({path} does not exist); "
-                           f"available: {', '.join(available_profiles())}")
+        raise ProfileError(
+            f"no profile {str(name_or_path)!r} ({path} does not exist); available: {', '.join(available_profiles())}"
+        )
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -162,8 +179,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
     top = {}
     for key, value in raw.items():
         if key not in _SECTIONS or key == "name":
-            raise ProfileError(f"{path}: unknown field `{key}`; allowed: "
-                               f"{', '.join(k for k in _SECTIONS if k != 'name')}")
+            raise ProfileError(
+                f"{path}: unknown field `{key}`; allowed: {', '.join(k for k in _SECTIONS if k != 'name')}"
+            )
         if key in _SECTION_TYPES:
             if not isinstance(value, dict):
                 raise ProfileError(f"{path}: field `{key}` must be a [{key}] table")
@@ -183,4 +201,3 @@ def load_profile(name_or_path: str | Path) -> Profile:
 def settings(section) -> dict:
     """A section as plain JSON-able data, for cache keys."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
-

@@ -66,9 +66,7 @@ color shape statement answer user assistant image picture scene see do you descr
 : ? . ,
 """.split()
 VOCAB: tuple[str, ...] = tuple(
-    dict.fromkeys(
-        [*SPECIAL_TOKENS, *_WORDS, *ROWS, *COLS, *SHAPES, *COLORS, *NUMBERS, *" ".join(RELATIONS).split()]
-    )
+    dict.fromkeys([*SPECIAL_TOKENS, *_WORDS, *ROWS, *COLS, *SHAPES, *COLORS, *NUMBERS, *" ".join(RELATIONS).split()])
 )
 
 
@@ -119,7 +117,11 @@ class Scene:
     def relations(self) -> tuple[tuple[str, str, str], ...]:
         """Every true (subject shape, relation, object shape) triple."""
         return tuple(
-            (a.shape, r, b.shape) for a in self.objects for b in self.objects if a is not b for r in RELATIONS
+            (a.shape, r, b.shape)
+            for a in self.objects
+            for b in self.objects
+            if a is not b
+            for r in RELATIONS
             if holds(a, b, r)
         )
 
@@ -157,7 +159,7 @@ def make_scene(rng: np.random.Generator, cell_px: int, n_objects: int) -> Scene:
     shapes = rng.choice(len(SHAPES), size=n_objects, replace=False)
     colors = rng.choice(len(COLORS), size=n_objects, replace=False)
     objects = []
-    for cell, s, c in zip(cells, shapes, colors):
+    for cell, s, c in zip(cells, shapes, colors, strict=True):
         row, col = divmod(cell, GRID)
         side = int(rng.integers(int(0.55 * cell_px), int(0.85 * cell_px) + 1))
         x0 = col * cell_px + int(rng.integers(0, cell_px - side + 1))
@@ -229,8 +231,9 @@ def _question(qtype: str, scene: Scene, rng: np.random.Generator, want_yes: bool
         if end not in ends or (end == value) != want_yes:
             return None
         phrase = f"on the {words[end]}" if axis else f"at the {words[end]}"
-        return dict(question=f"is the {pick.shape} {phrase} ?", answer=_yes_no(want_yes), subject=pick.shape,
-                    side=words[end])
+        return dict(
+            question=f"is the {pick.shape} {phrase} ?", answer=_yes_no(want_yes), subject=pick.shape, side=words[end]
+        )
     if qtype in ("relation", "statement"):
         pairs = [(a, b) for a in objs for b in objs if a is not b and holds(a, b, relation) == want_yes]
         if not pairs:
@@ -247,13 +250,19 @@ def _question(qtype: str, scene: Scene, rng: np.random.Generator, want_yes: bool
         hits = [a for a in objs if a is not pick and holds(a, pick, rel)]
         if len(hits) != 1:
             return None
-        return dict(question=f"what is {rel} the {pick.shape} ?", answer=hits[0].shape, subject=hits[0].shape,
-                    obj=pick.shape, relation=rel)
+        return dict(
+            question=f"what is {rel} the {pick.shape} ?",
+            answer=hits[0].shape,
+            subject=hits[0].shape,
+            obj=pick.shape,
+            relation=rel,
+        )
     raise ValueError(f"unknown question type {qtype!r}; expected one of {sorted(QTYPES)}")
 
 
-def make_sample(seed: int, split: str, index: int, qtypes: tuple[str, ...], cell_px: int,
-                n_objects: tuple[int, ...] = (2, 3)) -> Sample:
+def make_sample(
+    seed: int, split: str, index: int, qtypes: tuple[str, ...], cell_px: int, n_objects: tuple[int, ...] = (2, 3)
+) -> Sample:
     """Sample `index` of `split`: its question type cycles through `qtypes`, its yes/no answer alternates with
     each cycle and the relation of a yes/no relation question with each second cycle, so types, answers and
     relations are balanced by construction (exactly, over any multiple of 8 cycles). Scenes are redrawn until one
@@ -269,8 +278,15 @@ def make_sample(seed: int, split: str, index: int, qtypes: tuple[str, ...], cell
     raise RuntimeError(f"no scene could host a {qtype!r} question (split {split!r}, index {index})")
 
 
-def make_samples(seed: int, split: str, n: int, qtypes: tuple[str, ...] = tuple(QTYPES), cell_px: int = 16,
-                 n_objects: tuple[int, ...] = (2, 3), start: int = 0) -> list[Sample]:
+def make_samples(
+    seed: int,
+    split: str,
+    n: int,
+    qtypes: tuple[str, ...] = tuple(QTYPES),
+    cell_px: int = 16,
+    n_objects: tuple[int, ...] = (2, 3),
+    start: int = 0,
+) -> list[Sample]:
     return [make_sample(seed, split, i, qtypes, cell_px, n_objects) for i in range(start, start + n)]
 
 
@@ -302,6 +318,7 @@ def check_answer(sample: Sample) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts. One place defines how a sample becomes text, for the language model and for the VLM alike.
 # The LM reads the scene as a caption where the VLM reads it as image tokens; everything else is the same.
+
 
 def lm_prompt(caption: str, question: str) -> str:
     """The text-only stream (the paper's `Caption: {caption}\\nInstruction: {question}` in chat form)."""

@@ -28,6 +28,7 @@ def _tensor_build(value, calls):
     def build(out):
         calls.append(value)
         C.save_tensors(out / "w.safetensors", {"w": torch.full((64, 64), float(value))})
+
     return build
 
 
@@ -123,6 +124,7 @@ def test_killed_write_leaves_nothing_that_reads_as_valid(tmp_path):
         proc.poll()
         assert proc.returncode is None, "writer exited early"
         import time
+
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

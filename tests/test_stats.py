@@ -11,12 +11,14 @@ from lib import diffing, probing
 
 def _table():
     # two layers x four features of one variant, values chosen by hand
-    return pd.DataFrame({
-        "layer": [0, 0, 0, 0, 1, 1, 1, 1],
-        "feature": [0, 1, 2, 3, 0, 1, 2, 3],
-        "dec_cos": [0.10, 0.90, 0.20, 0.95, 0.30, 0.99, 0.15, 0.80],
-        "visual_energy": [0.50, 0.90, 0.005, 0.0, 0.02, 0.70, 0.40, 0.009],
-    })
+    return pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 0, 1, 1, 1, 1],
+            "feature": [0, 1, 2, 3, 0, 1, 2, 3],
+            "dec_cos": [0.10, 0.90, 0.20, 0.95, 0.30, 0.99, 0.15, 0.80],
+            "visual_energy": [0.50, 0.90, 0.005, 0.0, 0.02, 0.70, 0.40, 0.009],
+        }
+    )
 
 
 def test_pooled_percentile_pools_over_layers():
@@ -30,18 +32,18 @@ def test_selection_rule_on_hand_made_table():
     t = _table()
     sel = diffing.select_adapted(t, eps=0.01, q=25)
     # cos <= 0.1875: (0,0) 0.10, (1,2) 0.15; (0,2) has cos 0.20 > 0.1875. Energies 0.50 and 0.40 > 0.01.
-    assert list(t[sel].itertuples(index=False, name=None))[0][:2] == (0, 0)
-    assert set(zip(t[sel].layer, t[sel].feature)) == {(0, 0), (1, 2)}
+    assert next(iter(t[sel].itertuples(index=False, name=None)))[:2] == (0, 0)
+    assert set(zip(t[sel].layer, t[sel].feature, strict=True)) == {(0, 0), (1, 2)}
     # the energy threshold is strict: raise eps above 0.40 and (1,2) drops out
     sel = diffing.select_adapted(t, eps=0.45, q=25)
-    assert set(zip(t[sel].layer, t[sel].feature)) == {(0, 0)}
+    assert set(zip(t[sel].layer, t[sel].feature, strict=True)) == {(0, 0)}
 
 
 def test_per_layer_percentile_differs_from_pooled():
     t = _table()
     per_layer = diffing.select_adapted(t, eps=0.0, q=50, per_layer=True)
     # layer 0 median cos 0.55 -> features 0, 2 (but 2 has energy 0.005 > 0); layer 1 median 0.55 -> 0, 2
-    assert set(zip(t[per_layer].layer, t[per_layer].feature)) == {(0, 0), (0, 2), (1, 0), (1, 2)}
+    assert set(zip(t[per_layer].layer, t[per_layer].feature, strict=True)) == {(0, 0), (0, 2), (1, 0), (1, 2)}
 
 
 def test_robustness_sweep_contains_default_with_jaccard_one():
@@ -60,7 +62,7 @@ def test_feature_stats_visual_energy_matches_direct_computation():
     acc.update(z[:20], img[:20])
     acc.update(z[20:], img[20:])  # streaming over two batches
     frame = acc.frame()
-    direct = (z[img] ** 2).sum(0) / ((z ** 2).sum(0))
+    direct = (z[img] ** 2).sum(0) / ((z**2).sum(0))
     np.testing.assert_allclose(frame.visual_energy, direct.numpy(), rtol=1e-6)
     np.testing.assert_allclose(frame.freq_img, (z[img] > 0).float().mean(0).numpy(), rtol=1e-6)
 
