@@ -63,8 +63,8 @@ print(P.description, "|", P.world)
 samples = [
     W.make_sample(P.seed, "train", i, tuple(W.QTYPES), P.world.cell_px, P.world.n_objects) for i in range(len(W.QTYPES))
 ]
-fig, axes = plt.subplots(1, len(samples), figsize=(2.1 * len(samples), 3.3))
-for ax, s in zip(axes, samples, strict=True):
+fig, axes = plt.subplots(3, 3, figsize=(8.5, 10))
+for ax, s in zip(axes.flat, samples, strict=True):
     ax.imshow(s.scene.render(), interpolation="nearest")
     for t in range(0, P.world.image_px + 1, P.world.patch_px):
         ax.axhline(t - 0.5, color="white", lw=0.3, alpha=0.35)
@@ -73,9 +73,10 @@ for ax, s in zip(axes, samples, strict=True):
     ax.set_yticks([])
     ax.grid(False)
     q = s.question.replace("statement : ", "").replace(" . is this correct ?", " ?")
-    ax.set_title(s.qtype, fontsize=9)
-    ax.set_xlabel(f"{q}\n→ {s.answer}", fontsize=7, wrap=True)
-fig.suptitle("One sample per question type", y=0.9)
+    ax.set_title(s.qtype, fontsize=11)
+    ax.set_xlabel(f"{q}\n→ {s.answer}", fontsize=9)
+fig.suptitle("One sample per question type")
+fig.tight_layout()
 out.figure(fig, "scene_grid")
 
 # %% [markdown]

@@ -49,7 +49,7 @@ class Outputs:
         self.tables = root / "tables" / profile_name / chapter
         style()
 
-    def figure(self, fig: plt.Figure, name: str) -> Path:
+    def figure(self, fig: plt.Figure, name: str) -> None:
         """Save `fig` as PNG and PDF, show the PNG in the notebook, and close it."""
         self.figures.mkdir(parents=True, exist_ok=True)
         png = self.figures / f"{name}.png"
@@ -62,13 +62,11 @@ class Outputs:
             _display(Image(filename=str(png)))
         except ImportError:
             pass
-        return png
 
-    def table(self, df: pd.DataFrame, name: str, show: bool = True, float_format: str = "{:.3f}") -> Path:
+    def table(self, df: pd.DataFrame, name: str, show: bool = True, float_format: str = "{:.3f}") -> None:
         """Save `df` as CSV (full precision) and show it rounded for reading."""
         self.tables.mkdir(parents=True, exist_ok=True)
         path = self.tables / f"{name}.csv"
         df.to_csv(path, index=False)
         if show:
             _display(df.style.format(float_format, subset=df.select_dtypes("float").columns).hide(axis="index"))
-        return path
