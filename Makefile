@@ -1,7 +1,7 @@
 # The targets README and CI call. Quick start on a fresh machine: `make book`, then `make test`.
 #
 #   make book [PROFILE=default]        install, run every chapter, build the HTML book (_build/html/index.html)
-#   make chapter CHAPTER=01_world      run one chapter (PROFILE=... as above)
+#   make chapter CHAPTER=01_world      run one chapter (PROFILE=... as above; FORCE=1 re-executes unchanged ones)
 #   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE
 #   make test                          unit tests and chapter smoke runs (no built book needed)
 #   make rendered                      load every page of the built book in headless Chromium
@@ -21,6 +21,11 @@ CHAPTER ?=
 PYTEST_ARGS ?=
 # e.g. RUNNER_ARGS=--verbose: echo what the cells print while they run
 RUNNER_ARGS ?=
+# FORCE=1: execute every chapter even if its inputs are unchanged since its last run (artifacts are still reused)
+FORCE ?=
+ifeq ($(FORCE),1)
+RUNNER_ARGS += --force
+endif
 
 # Kernels, tests and the book build run offline whatever the calling shell has set (lib/runner.py sets the same
 # for the chapter kernels). PIP_NO_INDEX is not set here: `make install` needs the package index.

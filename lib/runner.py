@@ -10,6 +10,12 @@ Execution and rendering are separate steps (the QuantEcon habit): this module ex
 chapter list and its order come from `_toc.yml` (`book/notebooks/<stem>` <-> `chapters/<stem>.py`), so there is
 one list of chapters, not two.
 
+A chapter whose inputs have not changed since it was last executed with the same profile (its source, the profile
+files, the library and the pinned requirements, hashed into `run_key`), and whose declared outputs are all present,
+is not executed again: its executed notebook and outputs are reused, as Jupyter Book's own execution cache would do.
+`--force` executes every chosen chapter anyway; the expensive steps inside a chapter are cached separately
+(lib/cache.py), so a forced run reuses every artifact whose settings did not change.
+
 A failing cell stops the run with exit status 1 and a report naming the chapter, the cell and the exception. A
 mistake the user can fix (unknown profile or chapter, malformed `_toc.yml`, a chapter that breaks the conventions)
 exits with status 2 and one message naming the file and what was expected.
@@ -21,6 +27,7 @@ import argparse
 import ast
 import contextlib
 import datetime
+import hashlib
 import os
 import re
 import sys
@@ -353,6 +360,33 @@ def cache_events(nb: nbformat.NotebookNode) -> tuple[list[str], list[tuple[str, 
     return reused, computed
 
 
+# What a chapter's execution depends on besides its own source: a change to any of these re-executes it.
+RUN_KEY_GLOBS = ("lib/**/*.py", "lib/profiles/*.toml", "requirements.txt")
+
+
+def run_key(root: Path, chapter: Chapter, profile: str) -> str:
+    """SHA-256 of the chapter source, the profile name, and every file in RUN_KEY_GLOBS (paths and contents)."""
+    h = hashlib.sha256(f"profile={profile}\n".encode())
+    files = {chapter.source} | {p for pattern in RUN_KEY_GLOBS for p in root.glob(pattern) if p.is_file()}
+    for path in sorted(files):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def is_current(root: Path, chapter: Chapter, profile: str, key: str) -> bool:
+    """The executed notebook was made from exactly these inputs and every declared output is still there."""
+    if not chapter.notebook.is_file():
+        return False
+    meta = nbformat.read(chapter.notebook, as_version=4).metadata.get("book_run", {})
+    return meta.get("key") == key and meta.get("profile") == profile and not check_outputs(root, profile, [chapter])
+
+
+def _stamp_run_key(chapter: Chapter, profile: str, key: str) -> None:
+    nb = nbformat.read(chapter.notebook, as_version=4)
+    nb.metadata["book_run"] = {"key": key, "profile": profile}
+    nbformat.write(nb, chapter.notebook)
+
+
 def describe(result: ChapterResult) -> str:
     status = "FAILED" if result.failure else "ok"
     lines = [f"{result.chapter.stem}: {status} in {result.seconds:.1f} s"]
@@ -362,8 +396,12 @@ def describe(result: ChapterResult) -> str:
     return "\n".join(lines)
 
 
-def run_book(root: Path, profile: str, wanted: list[str] | None = None, verbose: bool = False) -> int:
-    """Execute the chosen chapters in toc order; stop at the first failure. Returns the exit status."""
+def run_book(
+    root: Path, profile: str, wanted: list[str] | None = None, verbose: bool = False, force: bool = False
+) -> int:
+    """Execute the chosen chapters in toc order; stop at the first failure. Returns the exit status.
+
+    A chapter that `is_current` is skipped unless `force`."""
     root = root.resolve()
     check_profile(root, profile)
     chapters = select_chapters(toc_chapters(root), wanted)
@@ -378,6 +416,17 @@ def run_book(root: Path, profile: str, wanted: list[str] | None = None, verbose:
         log.write(f"# {stamp} profile={profile} chapters={','.join(c.stem for c in chapters)}\n")
         start = time.perf_counter()
         for i, chapter in enumerate(chapters, 1):
+            key = run_key(root, chapter, profile)
+            if not force and is_current(root, chapter, profile, key):
+                reused, computed = cache_events(nbformat.read(chapter.notebook, as_version=4))
+                artifacts = ", ".join(dict.fromkeys(reused + [name for name, _ in computed])) or "-"
+                line = (
+                    f"{chapter.stem}: unchanged since its last run (inputs {key[:10]}): not executed, executed "
+                    f"notebook and outputs reused\n  recomputed (0): -\n  artifacts it read: {artifacts}"
+                )
+                print(f"[{i}/{len(chapters)}] {line}", flush=True)
+                log.write(line + "\n")
+                continue
             print(f"[{i}/{len(chapters)}] {chapter.stem} (profile {profile}) ...", flush=True)
             result = run_chapter(
                 chapter, profile, root, progress_bar=sys.stderr.isatty() and not verbose, verbose=verbose
@@ -396,6 +445,7 @@ def run_book(root: Path, profile: str, wanted: list[str] | None = None, verbose:
                 )
                 log.write(f"error: {report}\n")
                 return 1
+            _stamp_run_key(chapter, profile, key)
         log.write(f"# total {time.perf_counter() - start:.1f} s\n")
     print(f"done: {len(chapters)} chapter(s) in {time.perf_counter() - start:.1f} s; log: {log_path}")
     return 0
@@ -465,12 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chapter", action="append", help="chapter stem, e.g. 01_world (repeatable)")
     parser.add_argument("--check", action="store_true", help="only check the declared figures and tables")
     parser.add_argument("--verbose", "-v", action="store_true", help="echo what the cells print while they run")
+    parser.add_argument("--force", action="store_true", help="execute chapters even if their inputs are unchanged")
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (default: this checkout)")
     args = parser.parse_args(argv)
     try:
         if args.check:
             return check_book(args.root, args.profile, args.chapter)
-        return run_book(args.root, args.profile, args.chapter, verbose=args.verbose)
+        return run_book(args.root, args.profile, args.chapter, verbose=args.verbose, force=args.force)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

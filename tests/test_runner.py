@@ -361,3 +361,25 @@ def test_repository_toc_lists_existing_chapters_with_valid_headers():
     assert chapters, "_toc.yml lists no chapter"
     for chapter in chapters:
         runner.read_chapter(chapter)
+
+
+def test_unchanged_chapter_is_not_executed_again_and_force_executes_it(tmp_path):
+    root = make_book(tmp_path)
+    write_chapter(root, "01_good", GOOD_BODY, figures="curve", tables="counts")
+    write_toc(root, ["01_good"])
+    assert run(root, "--profile", "tiny").returncode == 0
+    second = run(root, "--profile", "tiny")
+    assert second.returncode == 0 and "unchanged since its last run" in second.stdout
+    assert "not executed" in (root / "book" / "logs" / "tiny.log").read_text()
+    # another profile, a missing output, an edited chapter or --force: executed again
+    for change in ("profile", "output", "source", "force"):
+        args = ["--profile", "default" if change == "profile" else "tiny"]
+        if change == "output":
+            (root / "book" / "tables" / "tiny" / "01_good" / "counts.csv").unlink()
+        if change == "source":
+            src = root / "chapters" / "01_good.py"
+            src.write_text(src.read_text() + "\n# %%\nprint('edited')\n")
+        if change == "force":
+            args.append("--force")
+        result = run(root, *args)
+        assert result.returncode == 0 and "unchanged since" not in result.stdout, (change, result.stdout)
