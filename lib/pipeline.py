@@ -7,8 +7,11 @@ Chapters call these functions; they never re-implement a step.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
+import torch
 
 from . import world as W
 from .cache import Artifact, Cache, load_table, save_table
@@ -63,3 +66,87 @@ def world_census(P: Profile, cache: Cache) -> tuple[pd.DataFrame, Artifact]:
 
     art = cache.get("world-census", world_settings(P), build, version=1)
     return load_table(art / "census.parquet"), art
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The organism: base LM and vision tower trained independently, the VLM from both. Three artifacts, so that a
+# change to the VLM's settings retrains the VLM only, and a change to the LM's retrains the LM and the VLM.
+
+
+class OrganismModels(NamedTuple):
+    tokenizer: object
+    lm: object  # LlamaForCausalLM, the base LM (before fine-tuning)
+    vlm: object  # LlavaForConditionalGeneration (after)
+    artifacts: dict[str, Artifact]
+
+
+def _organism_settings(P: Profile, section: str) -> dict:
+    return {"seed": P.seed, "threads": P.threads, **world_settings(P), section: settings(getattr(P, section))}
+
+
+def _save_model(out, model, tokenizer=None) -> None:
+    model.save_pretrained(out / "model")  # safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / "model")
+
+
+def base_lm(P: Profile, cache: Cache) -> Artifact:
+    from . import organism as O
+
+    def build(out):
+        torch.set_num_threads(P.threads)
+        tokenizer = O.build_tokenizer()
+        res = O.train_lm(P.lm, tokenizer, P.seed)
+        _save_model(out, res.model, tokenizer)
+        save_table(out / "accuracy.parquet", res.accuracy)
+        return {"history": res.history, "curve": res.curve}
+
+    return cache.get("lm", _organism_settings(P, "lm"), build, version=1)
+
+
+def vision_tower(P: Profile, cache: Cache) -> Artifact:
+    from . import organism as O
+
+    def build(out):
+        torch.set_num_threads(P.threads)
+        res = O.train_tower(P.tower, P.seed)
+        _save_model(out, res.model)  # the per-patch probes trained with it are not part of the tower
+        return {"accuracy": res.accuracy, "curve": res.curve}
+
+    return cache.get("tower", _organism_settings(P, "tower"), build, version=1)
+
+
+def vlm(P: Profile, cache: Cache, lm_art: Artifact | None = None, tower_art: Artifact | None = None) -> Artifact:
+    """The VLM, fine-tuned from the base LM with the frozen tower (either artifact is looked up if not given)."""
+    from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+    from . import organism as O
+
+    lm_art = lm_art or base_lm(P, cache)
+    tower_art = tower_art or vision_tower(P, cache)
+    settings_ = {**_organism_settings(P, "vlm"), "tower": settings(P.tower)}  # the VLM reads the tower's layout
+
+    def build(out):
+        torch.set_num_threads(P.threads)
+        tokenizer = AutoTokenizer.from_pretrained(lm_art / "model")
+        lm = LlamaForCausalLM.from_pretrained(lm_art / "model")
+        tower = CLIPVisionModel.from_pretrained(tower_art / "model")
+        res = O.train_vlm(P.vlm, lm, tower, P.tower, tokenizer, P.seed)
+        _save_model(out, res.model, tokenizer)
+        save_table(out / "accuracy.parquet", res.accuracy)
+        save_table(out / "accuracy_mean_image.parquet", res.accuracy_mean_image)
+        return {"history": res.history, "curve_stage1": res.curve_stage1, "curve_stage2": res.curve_stage2}
+
+    return cache.get("vlm", settings_, build, deps=[lm_art, tower_art], version=1)
+
+
+def organism(P: Profile, cache: Cache) -> OrganismModels:
+    """The trained pair, loaded from the cache (trained first if needed)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    arts = {"lm": base_lm(P, cache), "tower": vision_tower(P, cache)}
+    arts["vlm"] = vlm(P, cache, arts["lm"], arts["tower"])
+    tokenizer = AutoTokenizer.from_pretrained(arts["vlm"] / "model")
+    lm = LlamaForCausalLM.from_pretrained(arts["lm"] / "model").eval()
+    model = LlavaForConditionalGeneration.from_pretrained(arts["vlm"] / "model").eval()
+    return OrganismModels(tokenizer, lm, model, arts)

@@ -118,16 +118,49 @@ class Profile:
     name: str
     description: str
     seed: int
+    threads: int = 1  # torch threads for training: part of what makes float sums repeatable bit for bit
     world: WorldConfig | None = None
     paper: PaperConfig | None = None
+    # The organism's models; their config classes live beside the code that trains them (lib/organism.py).
+    lm: object | None = None
+    tower: object | None = None
+    vlm: object | None = None
 
     def __post_init__(self):
         if (self.world is None) == (self.paper is None):
             raise ProfileError("a profile has exactly one of the sections [world] (the organism) or [paper]")
+        organism = (self.lm, self.tower, self.vlm)
+        if any(s is not None for s in organism) and (self.world is None or None in organism):
+            raise ProfileError("the organism needs all of the sections [world], [lm], [tower] and [vlm]")
+        if self.tower is not None:
+            from lib.organism import IMAGE_SIZE
+
+            if self.world.image_px != IMAGE_SIZE or self.tower.patch != self.world.patch_px:
+                raise ProfileError(
+                    f"field `tower.patch` = {self.tower.patch} and `world.cell_px` = {self.world.cell_px}: the "
+                    f"organism reads {IMAGE_SIZE} px images (world.cell_px = {IMAGE_SIZE // 3}) with tower.patch "
+                    f"equal to world.patch_px = {self.world.patch_px}"
+                )
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Profile)}
-_SECTION_TYPES = {"world": WorldConfig, "paper": PaperConfig}
+# Section name -> its config class. The organism's are imported only when a profile has them (they need torch).
+_SECTION_TYPES = {
+    "world": WorldConfig,
+    "paper": PaperConfig,
+    "lm": "LMConfig",
+    "tower": "TowerConfig",
+    "vlm": "VLMConfig",
+}
+
+
+def _section_type(name: str):
+    cls = _SECTION_TYPES[name]
+    if isinstance(cls, str):
+        from lib import organism
+
+        cls = getattr(organism, cls)
+    return cls
 
 
 def available_profiles() -> list[str]:
@@ -161,6 +194,8 @@ def _build(cls, raw: dict, path: Path, prefix: str):
         return cls(**kwargs)
     except ProfileError as e:
         raise ProfileError(f"{path}: {str(e).replace('field `', f'field `{prefix}', 1)}") from None
+    except ValueError as e:  # the organism's configs validate themselves with ValueError
+        raise ProfileError(f"{path}: section [{prefix.rstrip('.')}]: {e}") from None
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -185,10 +220,13 @@ def load_profile(name_or_path: str | Path) -> Profile:
         if key in _SECTION_TYPES:
             if not isinstance(value, dict):
                 raise ProfileError(f"{path}: field `{key}` must be a [{key}] table")
-            top[key] = _build(_SECTION_TYPES[key], value, path, f"{key}.")
+            top[key] = _build(_section_type(key), value, path, f"{key}.")
         else:
-            allowed = {"seed": "an integer", "description": "a string"}[key]
-            top[key] = _coerce(value, {"seed": "int", "description": "str"}[key], f"{path}: field `{key}`", allowed)
+            allowed = {"seed": "an integer", "description": "a string", "threads": "an integer >= 1"}[key]
+            kind = {"seed": "int", "description": "str", "threads": "int"}[key]
+            top[key] = _coerce(value, kind, f"{path}: field `{key}`", allowed)
+            if key == "threads" and top[key] < 1:
+                raise ProfileError(f"{path}: field `threads` = {value!r}: expected {allowed}")
     for required in ("seed", "description"):
         if required not in top:
             raise ProfileError(f"{path}: missing field `{required}`")

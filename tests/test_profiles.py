@@ -54,3 +54,18 @@ def test_unknown_section_and_missing_profile(tmp_path):
 def test_profile_needs_exactly_one_setting(tmp_path):
     with pytest.raises(ProfileError, match="exactly one"):
         load_profile(_write(tmp_path, BASE))
+
+
+def test_organism_section_errors_name_the_section(tmp_path):
+    text = BASE + "[world]\ncell_px = 16\n[lm]\nd_model = 100\n[tower]\n[vlm]\n"
+    with pytest.raises(ProfileError, match=r"mine\.toml.*\[lm\].*d_model must equal n_heads \* head_dim"):
+        load_profile(_write(tmp_path, text))
+    with pytest.raises(ProfileError, match=r"mine\.toml.*unknown field `lm\.dmodel`"):
+        load_profile(_write(tmp_path, BASE + "[world]\n[lm]\ndmodel = 128\n[tower]\n[vlm]\n"))
+
+
+def test_organism_needs_all_its_sections_and_a_matching_world(tmp_path):
+    with pytest.raises(ProfileError, match="needs all of the sections"):
+        load_profile(_write(tmp_path, BASE + "[world]\n[lm]\n"))
+    with pytest.raises(ProfileError, match=r"tower\.patch.*world\.cell_px"):
+        load_profile(_write(tmp_path, BASE + "[world]\ncell_px = 8\n[lm]\n[tower]\n[vlm]\n"))

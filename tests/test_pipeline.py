@@ -1,0 +1,44 @@
+"""The organism's three cached steps on the tiny profile: each is reused until a setting it depends on changes."""
+
+from dataclasses import replace
+
+import torch
+
+from lib import pipeline
+from lib.cache import Cache
+from lib.profiles import load_profile
+
+
+def _events(logs):
+    return {tuple(m.split()[1:3]) for m in logs}
+
+
+def test_organism_steps_retrain_only_what_a_changed_setting_touches(tmp_path):
+    logs = []
+    cache = Cache(tmp_path, log=logs.append)
+    P = load_profile("tiny")
+    org = pipeline.organism(P, cache)
+    assert {("computed", "lm"), ("computed", "tower"), ("computed", "vlm")} <= _events(logs)
+
+    logs.clear()
+    again = pipeline.organism(P, cache)
+    assert _events(logs) == {("reused", "lm"), ("reused", "tower"), ("reused", "vlm")}
+    for a, b in zip(org.vlm.state_dict().values(), again.vlm.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    logs.clear()
+    pipeline.organism(replace(P, vlm=replace(P.vlm, stage2_steps=P.vlm.stage2_steps + 2)), cache)
+    assert _events(logs) == {("reused", "lm"), ("reused", "tower"), ("computed", "vlm")}
+
+    logs.clear()
+    pipeline.organism(replace(P, lm=replace(P.lm, steps=P.lm.steps + 2)), cache)
+    assert _events(logs) == {("computed", "lm"), ("reused", "tower"), ("computed", "vlm")}
+
+
+def test_organism_is_deterministic_across_caches(tmp_path):
+    P = load_profile("tiny")
+    a = pipeline.organism(P, Cache(tmp_path / "a", log=lambda m: None))
+    b = pipeline.organism(P, Cache(tmp_path / "b", log=lambda m: None))
+    assert a.artifacts["vlm"].key == b.artifacts["vlm"].key
+    for x, y in zip(a.vlm.state_dict().values(), b.vlm.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
