@@ -3,6 +3,8 @@
 #   make book [PROFILE=default]        install, run every chapter, build the HTML book (_build/html/index.html)
 #   make chapter CHAPTER=01_world      run one chapter (PROFILE=... as above; FORCE=1 re-executes unchanged ones)
 #   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE
+#   make organism [PROFILE=default]    train the organism on this CPU and export it to artifacts/ (+ provenance)
+#   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make test                          unit tests and chapter smoke runs (no built book needed)
 #   make rendered                      load every page of the built book in headless Chromium
 #   make lint | format                 ruff
@@ -34,7 +36,8 @@ OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=disabled MPLBACKEND=Agg
 # The stamp depends on requirements.txt: editing it re-runs the install, a second `make install` does nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv install book html chapter check test rendered lint format chromium clean clean-cache
+.PHONY: help venv install book html chapter check organism organism-verify test rendered lint format chromium clean \
+	clean-cache
 
 help:
 	@awk '!/^#/ {exit} {sub(/^# ?/, ""); print}' Makefile
@@ -62,6 +65,12 @@ html: $(STAMP)
 chapter: $(STAMP)
 	@test -n "$(CHAPTER)" || { echo "usage: make chapter CHAPTER=01_world [PROFILE=$(PROFILE)]"; exit 2; }
 	$(OFFLINE) $(PY) -m lib.runner --profile $(PROFILE) --chapter $(CHAPTER) $(RUNNER_ARGS)
+
+organism: $(STAMP)
+	$(OFFLINE) $(PY) -m lib.pipeline organism --profile $(PROFILE)
+
+organism-verify: $(STAMP)
+	$(OFFLINE) $(PY) -m lib.pipeline organism --profile $(PROFILE) --verify
 
 check: $(STAMP)
 	$(PY) -m lib.runner --profile $(PROFILE) --check

@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "MANIFEST.json"
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "artifacts"
+# Artifacts committed to the repository (`make organism` writes them): read-only, looked up after the local cache.
+COMMITTED = Path(__file__).resolve().parent.parent / "artifacts"
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,16 @@ class Cache:
     `info.json` (for small results such as timings and metrics).
     """
 
-    def __init__(self, root: str | Path | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        log: Callable[[str], None] = print,
+        stores: tuple[Path, ...] = (COMMITTED,),
+    ):
         self.root = Path(root or os.environ.get("SPATIAL_CACHE") or DEFAULT_ROOT)
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = log
+        self.stores = tuple(Path(s) for s in stores)  # read-only; same layout as root
 
     def path(self, name: str, key: str) -> Path:
         return self.root / f"{name}-{key[:16]}"
@@ -122,6 +130,15 @@ class Cache:
             except CorruptArtifact as e:
                 self.log(f"[cache] corrupt {name} ({key[:10]}): {e}; recomputing")
                 shutil.rmtree(final, ignore_errors=True)
+        for store in self.stores:
+            committed = store / final.name
+            if committed.exists():
+                try:
+                    self.verify(committed)
+                    self.log(f"[cache] reused {name} ({key[:10]}) from {store.name}/")
+                    return Artifact(name, key, committed)
+                except CorruptArtifact as e:  # never delete a committed file: report it and build locally
+                    self.log(f"[cache] corrupt {name} ({key[:10]}) in {store}: {e}; recomputing locally")
         tmp = self.root / f".tmp-{name}-{key[:16]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:

@@ -7,6 +7,7 @@ Chapters call these functions; they never re-implement a step.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from . import world as W
 from .cache import Artifact, Cache, load_table, save_table
-from .profiles import Profile, settings
+from .profiles import Profile, load_profile, settings
 
 # Splits of the generated world. Each is an independent random stream, so no scene is shared between splits.
 CENSUS_SPLITS = {"train": tuple(W.QTYPES), "heldout": tuple(W.QTYPES), "bench": ("statement",)}
@@ -85,6 +86,14 @@ def _organism_settings(P: Profile, section: str) -> dict:
 
 
 def _save_model(out, model, tokenizer=None) -> None:
+    # HF records the directory a model was loaded from; a cache path says nothing and differs between machines.
+    for config in (
+        model.config,
+        getattr(model.config, "text_config", None),
+        getattr(model.config, "vision_config", None),
+    ):
+        if config is not None:
+            config._name_or_path = ""
     model.save_pretrained(out / "model")  # safetensors
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "model")
@@ -150,3 +159,90 @@ def organism(P: Profile, cache: Cache) -> OrganismModels:
     lm = LlamaForCausalLM.from_pretrained(arts["lm"] / "model").eval()
     model = LlavaForConditionalGeneration.from_pretrained(arts["vlm"] / "model").eval()
     return OrganismModels(tokenizer, lm, model, arts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `make organism`: train the organism of a profile on this CPU and commit it as versioned artifacts.
+
+ORGANISM_STEPS = ("lm", "tower", "vlm")
+
+
+def export_organism(profile: str, store: Path, verify: bool = False) -> int:
+    """Train (or reuse from the local cache) the organism of `profile` and copy its three artifacts into `store`
+    with a PROVENANCE.json (command, seed, threads, code commit, versions, checksums). With `verify`, retrain from
+    scratch in a temporary cache instead and compare every file's checksum with the committed artifacts."""
+    import json
+    import platform
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import transformers
+
+    from .cache import MANIFEST, load_json
+
+    P = load_profile(profile)
+    if P.lm is None:
+        raise SystemExit(f"profile {profile!r} has no organism ([lm], [tower], [vlm] sections)")
+    if verify:
+        with tempfile.TemporaryDirectory() as tmp:
+            arts = organism(P, Cache(tmp, stores=())).artifacts
+            bad = []
+            for name in ORGANISM_STEPS:
+                ours, committed = load_json(arts[name] / MANIFEST), store / arts[name].path.name / MANIFEST
+                if not committed.exists():
+                    bad.append(f"{name}: no committed artifact {committed.parent} (settings or code changed?)")
+                    continue
+                theirs = load_json(committed)["files"]
+                # Weights and result tables must be equal bit for bit; info.json holds wall-clock times.
+                differ = [f for f, meta in ours["files"].items() if f != "info.json" and theirs.get(f) != meta]
+                if differ:
+                    bad.append(f"{name}: retrained {', '.join(differ)} differ from {committed.parent}")
+            print("\n".join(bad) or f"organism of {profile!r}: retrained bit for bit equal to {store}/")
+            return 1 if bad else 0
+    arts = organism(P, Cache(stores=())).artifacts
+    store.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "lib"], capture_output=True, text=True).stdout)
+    provenance = {}
+    for name in ORGANISM_STEPS:
+        target = store / arts[name].path.name
+        if not target.exists():
+            shutil.copytree(arts[name].path, target)
+        manifest = load_json(target / MANIFEST)
+        provenance[name] = {
+            "artifact": target.name,
+            "key": arts[name].key,
+            "build_s": manifest["build_s"],
+            "files": manifest["files"],
+        }
+    provenance["made_by"] = {
+        "command": " ".join([Path(sys.executable).name, "-m", "lib.pipeline", *sys.argv[1:]]),
+        "profile": profile,
+        "seed": P.seed,
+        "threads": P.threads,
+        "code_commit": commit + (" (lib/ had uncommitted changes)" if dirty else ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
+    }
+    (store / f"PROVENANCE-{profile}.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
+    print(
+        f"organism of {profile!r} exported to {store}/ ({', '.join(provenance[n]['artifact'] for n in ORGANISM_STEPS)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from .cache import COMMITTED
+
+    parser = argparse.ArgumentParser(prog="python -m lib.pipeline", description="Build and export pipeline steps.")
+    parser.add_argument("step", choices=["organism"])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--store", type=Path, default=COMMITTED)
+    parser.add_argument("--verify", action="store_true", help="retrain from scratch and compare with the store")
+    args = parser.parse_args()
+    raise SystemExit(export_organism(args.profile, args.store, args.verify))

@@ -147,3 +147,17 @@ def test_tables_and_json_round_trip(cache):
     art = cache.get("table", {}, build)
     pd.testing.assert_frame_equal(C.load_table(art / "t.parquet"), df)
     assert C.load_json(art / "info.json") == {"metric": 0.5}
+
+
+def test_committed_store_is_read_after_the_local_cache_and_never_modified(tmp_path):
+    store, calls, logs = tmp_path / "artifacts", [], []
+    writer = C.Cache(store, log=lambda m: None, stores=())
+    art = writer.get("thing", {"v": 1}, _tensor_build(1, calls))
+    c = C.Cache(tmp_path / "local", log=logs.append, stores=(store,))
+    assert c.get("thing", {"v": 1}, _tensor_build(1, calls)).path == art.path
+    assert calls == [1] and "from artifacts/" in logs[-1]
+    # a damaged committed artifact is reported and rebuilt locally, the committed copy is left as it is
+    f = art / "w.safetensors"
+    f.write_bytes(f.read_bytes()[:50])
+    rebuilt = c.get("thing", {"v": 1}, _tensor_build(1, calls))
+    assert calls == [1, 1] and rebuilt.path.parent == tmp_path / "local" and f.stat().st_size == 50

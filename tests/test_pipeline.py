@@ -42,3 +42,16 @@ def test_organism_is_deterministic_across_caches(tmp_path):
     assert a.artifacts["vlm"].key == b.artifacts["vlm"].key
     for x, y in zip(a.vlm.state_dict().values(), b.vlm.state_dict().values(), strict=True):
         assert torch.equal(x, y)
+
+
+def test_export_then_verify_reproduces_the_organism_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATIAL_CACHE", str(tmp_path / "cache"))
+    store = tmp_path / "artifacts"
+    assert pipeline.export_organism("tiny", store) == 0
+    assert (store / "PROVENANCE-tiny.json").exists() and len([p for p in store.glob("*-*") if p.is_dir()]) == 3
+    assert pipeline.export_organism("tiny", store, verify=True) == 0
+    # a committed weight that no longer matches what the code trains is reported
+    weights = next(store.glob("vlm-*")) / "MANIFEST.json"
+    text = weights.read_text()
+    weights.write_text(text.replace('"sha256": "', '"sha256": "0', 1))
+    assert pipeline.export_organism("tiny", store, verify=True) == 1
