@@ -143,3 +143,50 @@ def robustness_sweep(table: pd.DataFrame, eps_grid, q_grid, eps0: float, q0: flo
             }
         )
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The per-feature table, streamed: one VLM forward per batch feeds every (layer, variant) accumulator.
+
+
+def feature_table(
+    vlm, base_saes: dict, adapted: dict[str, dict], heldout_pairs, heldout_text_pairs=None, batch_size: int = 8
+) -> pd.DataFrame:
+    """One row per (layer, variant, feature): weight diffs against the base SAE, and activation statistics of the
+    ADAPTED SAE on held-out VLM activations (image / text split as the adapter's image mask says, BOS dropped).
+
+    `base_saes[layer]` and `adapted[variant][layer]` are SAELens SAEs. With `heldout_text_pairs` (caption, question)
+    the base LM's text stream is run too, for the authors' raw second-moment definition `visual_energy_raw`.
+    Memory is O(layers x variants x width): activations are never kept.
+    """
+    from .adaptation import lm_batches, vlm_batches
+
+    layers = sorted(base_saes)
+    keys = [(layer, v) for v in adapted for layer in layers]
+    stats = {k: FeatureStats(base_saes[k[0]].cfg.d_sae) for k in keys}
+    with torch.no_grad():
+        for batch in vlm_batches(vlm, heldout_pairs, batch_size, layers):
+            for li, layer in enumerate(layers):
+                for v in adapted:
+                    stats[(layer, v)].update(adapted[v][layer].encode(batch.x_lnd[li]), batch.image_mask_n)
+        sq_lm = {k: torch.zeros(base_saes[k[0]].cfg.d_sae, dtype=torch.float64) for k in keys}
+        n_lm = 0
+        if heldout_text_pairs is not None:
+            for batch in lm_batches(vlm, heldout_text_pairs, batch_size, layers):
+                n_lm += batch.x_lnd.shape[1]
+                for li, layer in enumerate(layers):
+                    for v in adapted:
+                        sq_lm[(layer, v)] += adapted[v][layer].encode(batch.x_lnd[li]).double().square().sum(0)
+    frames = []
+    for layer, v in keys:
+        base, sae = base_saes[layer], adapted[v][layer]
+        frame = weight_diff(base.W_dec.detach(), sae.W_dec.detach(), base.W_enc.detach(), sae.W_enc.detach())
+        frame = pd.concat([frame, stats[(layer, v)].frame()], axis=1)
+        if n_lm:
+            frame["visual_energy_raw"] = raw_visual_energy(
+                frame["mean_sq_vlm"].to_numpy(), (sq_lm[(layer, v)] / n_lm).numpy()
+            )
+        frame.insert(0, "variant", v)
+        frame.insert(0, "layer", layer)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
