@@ -50,6 +50,8 @@ from lib.pipeline import world_census
 from lib.profiles import load_profile
 
 P = load_profile(profile)
+if P.world is None:
+    raise SystemExit(f"profile {P.name!r} has no generated world: this chapter is about the organism's data")
 out = Outputs("01_world", P.name)
 cache = Cache()
 print(P.description, "|", P.world)
