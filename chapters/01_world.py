@@ -121,6 +121,8 @@ types = (
     .reset_index()
 )
 out.table(types, "question_types")
+yes_no = types[types.qtype.isin(["exist", "side", "relation", "statement"])]
+assert (yes_no.share_yes == 0.5).all(), "every yes/no type must be balanced"
 
 # %% [markdown]
 # Every yes/no type is balanced (`share_yes` = 0.5) and `majority_share` is the accuracy of always giving the most

@@ -564,30 +564,6 @@ def load_saes(root: str | Path, layers: Sequence[int], variant: str, device: str
     return out
 
 
-@torch.no_grad()
-def topk_from_sae(sae: SAE, k: int) -> TopKSAE:
-    """Rebuild any SAELens SAE (e.g. a Llama Scope JumpReLU SAE) as a TopK SAE with the same W_enc, b_enc, W_dec,
-    b_dec, dropping its threshold: the paper's construction of the base SAEs (k = 50)."""
-    cfg = sae.cfg
-    if cfg.normalize_activations != "none":
-        raise ValueError(f"topk_from_sae: normalize_activations = {cfg.normalize_activations!r}; expected 'none'")
-    new = TopKSAE(
-        TopKSAEConfig(
-            d_in=cfg.d_in,
-            d_sae=cfg.d_sae,
-            k=k,
-            apply_b_dec_to_input=cfg.apply_b_dec_to_input,
-            dtype="float32",
-            device="cpu",
-            metadata=SAEMetadata(**cfg.metadata.to_dict()),
-        )
-    )
-    new.load_state_dict(
-        {name: getattr(sae, name).detach().float().cpu().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    )
-    return new
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Loss and metrics
 # --------------------------------------------------------------------------------------------------------------

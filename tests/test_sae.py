@@ -8,6 +8,7 @@ import pytest
 import torch
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
 
+from lib.paper import jumprelu_to_topk
 from lib.sae import (
     ADAPTATION_VARIANTS,
     FULL,
@@ -30,7 +31,6 @@ from lib.sae import (
     fvu_table,
     load_saes,
     token_weights_vn,
-    topk_from_sae,
     topk_indices,
 )
 
@@ -354,7 +354,8 @@ def test_evaluation_counts_dead_features_and_matches_saelens_eval():
             assert math.isclose(a.fvu, other.fvu, rel_tol=1e-5) and math.isclose(a.nmse, other.nmse, rel_tol=1e-5)
 
 
-def test_topk_from_sae_copies_weights_and_drops_threshold():
+def test_topk_rebuild_copies_weights_and_drops_threshold():
+    # the rebuild lives in lib/paper.py (jumprelu_to_topk); this checks it on a SAE without b_dec on the input
     gen = torch.Generator().manual_seed(0)
     jr = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F_, apply_b_dec_to_input=False))
     state = {
@@ -365,7 +366,7 @@ def test_topk_from_sae_copies_weights_and_drops_threshold():
         "threshold": torch.ones(F_),
     }
     jr.load_state_dict(state)
-    topk = topk_from_sae(jr, k=5)
+    topk = jumprelu_to_topk(jr, k=5)
     assert isinstance(topk, TopKSAE) and topk.cfg.k == 5 and not topk.cfg.apply_b_dec_to_input
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(topk, name), state[name])
