@@ -53,7 +53,7 @@ from lib.tokenizer import BOS, EOS, IMAGE, build_tokenizer
 
 IMAGE_SIZE = world.GRID * 16  # the world's default 16 px cells
 PATCH = 8
-N_PATCHES = (IMAGE_SIZE // PATCH) ** 2
+N_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # image tokens at the default patch size
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # the tower is trained from scratch, so a fixed affine map to [-1, 1] suffices
 CAPTION_PROMPT = "describe the image ."  # stage-1 instruction (LLaVA's "describe the image briefly")
 NON_RELATIONAL = tuple(q for q, fam in world.QTYPES.items() if fam != "relational")  # hostable by one object
@@ -220,7 +220,7 @@ def lm_text(caption: str, question: str) -> str:
     return f"{BOS} {world.lm_prompt(caption, question)}"
 
 
-def vlm_text(question: str, n_image_tokens: int = N_PATCHES) -> str:
+def vlm_text(question: str, n_image_tokens: int) -> str:
     """The VLM's full prompt (with <bos>): `<image>` expanded to one token per image patch."""
     prompt = world.vlm_prompt(question)
     assert prompt.count(IMAGE) == 1, f"world.vlm_prompt must contain {IMAGE} exactly once, got {prompt!r}"
@@ -262,10 +262,14 @@ def lm_batch(tokenizer, samples: list[world.Sample], with_answers: bool = True) 
     )
 
 
-def vlm_batch(tokenizer, samples: list[world.Sample], with_answers: bool = True) -> tuple[TextBatch, torch.Tensor]:
+def vlm_batch(
+    tokenizer, samples: list[world.Sample], n_image_tokens: int, with_answers: bool = True
+) -> tuple[TextBatch, torch.Tensor]:
     """Text batch and pixel_values for a standard `LlavaForConditionalGeneration` forward."""
     text = encode(
-        tokenizer, [vlm_text(s.question) for s in samples], [s.answer for s in samples] if with_answers else None
+        tokenizer,
+        [vlm_text(s.question, n_image_tokens) for s in samples],
+        [s.answer for s in samples] if with_answers else None,
     )
     return text, pixel_values_from_images(np.stack([s.scene.render() for s in samples]))
 
@@ -359,6 +363,18 @@ def _correct(logits_bsv: torch.Tensor, batch: TextBatch) -> torch.Tensor:
     return (hit_bs | ~answer_bs).all(-1)
 
 
+# The issue's targets, held-out accuracy per question type (checked in chapters/02_models.py, never retyped there).
+TARGETS = {
+    "lm": {q: 0.95 if fam == "lookup" else 0.90 for q, fam in world.QTYPES.items()},
+    "vlm": {
+        **{q: 0.95 for q, fam in world.QTYPES.items() if fam in ("lookup", "absolute")},
+        "relation": 0.90,
+        "what_rel": 0.80,
+        "statement": 0.90,
+    },
+}
+
+
 def accuracy_table(samples: list[world.Sample], correct_b: torch.Tensor) -> pd.DataFrame:
     """Accuracy per question type with its majority baseline (share of the most common answer of that type)."""
     df = pd.DataFrame(
@@ -448,21 +464,24 @@ def train_lm(cfg: LMConfig, tokenizer, seed: int = 0, progress: bool = True) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Vision tower.
 
-TOWER_HEADS = {  # per-patch targets; class 0 of the object heads is "background"
-    "color": 1 + len(world.COLORS),
-    "shape": 1 + len(world.SHAPES),
-    "obj_row": 1 + world.GRID,
-    "obj_col": 1 + world.GRID,
-    "patch_row": IMAGE_SIZE // PATCH,
-    "patch_col": IMAGE_SIZE // PATCH,
-}
+
+def tower_heads(patch: int) -> dict[str, int]:
+    """Per-patch targets and their class counts; class 0 of the object heads is "background"."""
+    return {
+        "color": 1 + len(world.COLORS),
+        "shape": 1 + len(world.SHAPES),
+        "obj_row": 1 + world.GRID,
+        "obj_col": 1 + world.GRID,
+        "patch_row": IMAGE_SIZE // patch,
+        "patch_col": IMAGE_SIZE // patch,
+    }
 
 
 def patch_labels(samples: list[world.Sample], patch: int) -> torch.Tensor:
-    """(B, 6, P) int64 targets for TOWER_HEADS, one per image patch in raster order."""
+    """(B, 6, P) int64 targets for `tower_heads(patch)`, one per image patch in raster order."""
     n_side = IMAGE_SIZE // patch
     p = np.arange(n_side * n_side)
-    lab_bkp = np.zeros((len(samples), len(TOWER_HEADS), n_side * n_side), dtype=np.int64)
+    lab_bkp = np.zeros((len(samples), len(tower_heads(patch)), n_side * n_side), dtype=np.int64)
     lab_bkp[:, 4], lab_bkp[:, 5] = p // n_side, p % n_side
     for i, s in enumerate(samples):
         assert s.scene.size_px == IMAGE_SIZE, f"scene is {s.scene.size_px} px, the tower expects {IMAGE_SIZE}"
@@ -501,7 +520,7 @@ def _head_loss_acc(heads: nn.ModuleDict, feat_bph: torch.Tensor, lab_bkp: torch.
 def train_tower(cfg: TowerConfig, seed: int = 0, progress: bool = True) -> TowerResult:
     torch.manual_seed(seed)
     tower = make_tower(cfg)
-    heads = nn.ModuleDict({k: nn.Linear(cfg.hidden, n) for k, n in TOWER_HEADS.items()})
+    heads = nn.ModuleDict({k: nn.Linear(cfg.hidden, n) for k, n in tower_heads(cfg.patch).items()})
     # Scenes with 1-3 objects: the tower should see every object count the VLM will.
     train = world.make_samples(seed, "tower-train", cfg.n_images, qtypes=("count",), n_objects=(1, 2, 3))
     test = world.make_samples(seed + 1, "tower-test", cfg.n_eval, qtypes=("count",), n_objects=(1, 2, 3))
@@ -572,13 +591,14 @@ def evaluate_vlm(
     image-token embedding over `samples` (text unchanged): spatial accuracy should fall to chance."""
     assert corrupt in (None, "mean_image"), f"corrupt must be None or 'mean_image', got {corrupt!r}"
     vlm.eval()
+    n_img = vlm.config.image_seq_length
     embeds_bpd = vlm.model.multi_modal_projector(image_features(vlm, samples))
     if corrupt == "mean_image":
         embeds_bpd = embeds_bpd.mean((0, 1), keepdim=True).expand_as(embeds_bpd)
     correct = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        text = encode(tokenizer, [vlm_text(s.question) for s in chunk], [s.answer for s in chunk])
+        text = encode(tokenizer, [vlm_text(s.question, n_img) for s in chunk], [s.answer for s in chunk])
         correct.append(_correct(vlm_forward(vlm, text, embeds_bpd[i : i + batch_size]).logits, text))
     return accuracy_table(samples, torch.cat(correct))
 
@@ -611,10 +631,11 @@ def train_vlm(
     feats_bph = image_features(vlm, pool)  # the frozen tower runs once per scene
     test = eval_samples(seed + 1, cfg.n_eval)
     gen = torch.Generator().manual_seed(seed)
+    n_img = vlm.config.image_seq_length
 
     def step_on(idx_b, answers, questions, weights):
         samples = [pool[i] for i in idx_b.tolist()]
-        batch = encode(tokenizer, [vlm_text(q) for q in questions(samples)], answers(samples))
+        batch = encode(tokenizer, [vlm_text(q, n_img) for q in questions(samples)], answers(samples))
         logits = vlm_forward(vlm, batch, projector(feats_bph[idx_b])).logits
         return _weighted_ce(logits, batch, *weights)
 
@@ -676,28 +697,67 @@ def train_vlm(
 # 4. Checks on the pair.
 
 
+def _resid_posts(decoder: nn.Module, run) -> list[torch.Tensor]:
+    """Embedding output and every block's output, the last one taken *before* the final RMSNorm (HF's last
+    hidden state is after it)."""
+    captured = []
+    handle = decoder.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        hidden = run().hidden_states
+    finally:
+        handle.remove()
+    return [*hidden[:-1], captured[0]]
+
+
 @torch.no_grad()
 def residual_norm_ratio(
     lm: LlamaForCausalLM, vlm: LlavaForConditionalGeneration, tokenizer, samples: list[world.Sample]
 ) -> pd.DataFrame:
-    """Mean residual-stream norm per layer on text tokens (BOS dropped): the LM on its caption prompt, the VLM on
-    the non-image tokens of its image prompt, and their ratio. Large ratios break diffing of SAEs across the two."""
+    """Mean residual-stream norm (embedding, then after each block, before the final norm) on text tokens, BOS
+    dropped: the LM on its caption prompt, the VLM on the non-image tokens of its image prompt, and their ratio.
+    Large ratios break diffing of SAEs across the two."""
     lm.eval(), vlm.eval()
     text = lm_batch(tokenizer, samples, with_answers=False)
-    hs_lm = lm(input_ids=text.input_ids_bs, attention_mask=text.attention_mask_bs, output_hidden_states=True)
+    hs_lm = _resid_posts(
+        lm.model,
+        lambda: lm(input_ids=text.input_ids_bs, attention_mask=text.attention_mask_bs, output_hidden_states=True),
+    )
     keep_lm_bs = text.attention_mask_bs.bool().clone()
     keep_lm_bs[:, 0] = False
-    vtext = encode(tokenizer, [vlm_text(s.question) for s in samples])
-    out = vlm_forward(
-        vlm, vtext, vlm.model.multi_modal_projector(image_features(vlm, samples)), output_hidden_states=True
-    )
+    vtext = encode(tokenizer, [vlm_text(s.question, vlm.config.image_seq_length) for s in samples])
+    embeds = vlm.model.multi_modal_projector(image_features(vlm, samples))
+    hs_vlm = _resid_posts(vlm.model.language_model, lambda: vlm_forward(vlm, vtext, embeds, output_hidden_states=True))
     keep_vlm_bs = vtext.attention_mask_bs.bool() & (vtext.input_ids_bs != vlm.config.image_token_id)
     keep_vlm_bs[:, 0] = False
     rows = []
-    for layer, (h_lm, h_vlm) in enumerate(zip(hs_lm.hidden_states, out.hidden_states, strict=True)):
+    for i, (h_lm, h_vlm) in enumerate(zip(hs_lm, hs_vlm, strict=True)):
         n_lm, n_vlm = h_lm.norm(dim=-1)[keep_lm_bs].mean().item(), h_vlm.norm(dim=-1)[keep_vlm_bs].mean().item()
-        rows.append(dict(layer=layer, lm_norm=n_lm, vlm_norm=n_vlm, ratio=n_vlm / n_lm))
+        point = "embed" if i == 0 else f"blocks.{i - 1}.hook_resid_post"
+        rows.append(dict(point=point, lm_norm=n_lm, vlm_norm=n_vlm, ratio=n_vlm / n_lm))
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def generate_answers(
+    vlm: LlavaForConditionalGeneration, tokenizer, samples: list[world.Sample], max_new_tokens: int = 4
+) -> list[str]:
+    """Free greedy answers (not teacher-forced) through the standard HF `generate` with pixels in, one sample at
+    a time (right padding would put pads before the answer)."""
+    vlm.eval()
+    answers = []
+    for s in samples:
+        text, px = vlm_batch(tokenizer, [s], vlm.config.image_seq_length, with_answers=False)
+        out = vlm.generate(
+            input_ids=text.input_ids_bs,
+            attention_mask=text.attention_mask_bs,
+            pixel_values=px,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers.append(tokenizer.decode(out[0, text.input_ids_bs.shape[1] :], skip_special_tokens=True).strip())
+    return answers
 
 
 # ---------------------------------------------------------------------------------------------------------------

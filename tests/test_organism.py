@@ -56,7 +56,7 @@ def test_encode_masks_mark_the_answer(tok):
 
 def test_vlm_prompt_and_pixels(tok):
     s = world.make_samples(0, "t", 1)[0]
-    text, px = O.vlm_batch(tok, [s])
+    text, px = O.vlm_batch(tok, [s], O.N_PATCHES)
     assert int((text.input_ids_bs == tok.convert_tokens_to_ids("<image>")).sum()) == O.N_PATCHES == 36
     assert px.shape == (1, 3, 48, 48) and px.dtype == torch.float32
     assert px.min() >= -1 and px.max() <= 1
@@ -86,7 +86,7 @@ def test_tiny_organism_is_a_standard_llava(tiny, tok):
     assert vlm.config.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert vlm.config.vision_feature_select_strategy == "default"
     samples = world.make_samples(3, "t", 4)
-    text, px = O.vlm_batch(tok, samples)
+    text, px = O.vlm_batch(tok, samples, O.N_PATCHES)
     standard = vlm(input_ids=text.input_ids_bs, attention_mask=text.attention_mask_bs, pixel_values=px).logits
     cached = O.vlm_forward(vlm, text, vlm.model.multi_modal_projector(O.image_features(vlm, samples))).logits
     torch.testing.assert_close(standard, cached)
@@ -112,7 +112,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     O.save_organism(tiny, tmp_path)
     back = O.load_organism(tmp_path)
     samples = world.make_samples(4, "t", 3)
-    text, px = O.vlm_batch(back.tokenizer, samples)
+    text, px = O.vlm_batch(back.tokenizer, samples, back.vlm.config.image_seq_length)
     kw = dict(input_ids=text.input_ids_bs, attention_mask=text.attention_mask_bs, pixel_values=px)
     torch.testing.assert_close(back.vlm(**kw).logits, tiny.vlm(**kw).logits)
     with pytest.raises(FileNotFoundError, match="not a saved organism"):

@@ -1,0 +1,284 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   book_outputs:
+#     figures: [training_curves, heldout_accuracy, accuracy, answers]
+#     tables: [training, accuracy, residual_norms]
+# ---
+
+# %% [markdown]
+# # The models: a language model and the VLM fine-tuned from it
+#
+# The paper diffs Llama-3.1-8B-Instruct against LLaVA-MORE, the VLM fine-tuned from it. The organism is the same
+# pair at toy scale, built with the same Hugging Face classes so that every later chapter runs unchanged on either:
+#
+# 1. a word-level **tokenizer** over the world's explicit word list, plus `<image>`, `<bos>`, `<eos>`, `<pad>`
+#    (`lib/tokenizer.py`; a standard `tokenizer.json`);
+# 2. the **base LM**, a `LlamaForCausalLM` trained on the text corpus: a caption, a question, the answer. Like a
+#    real LLM, it knows spatial language before it ever sees an image;
+# 3. the **vision tower**, a `CLIPVisionModel` pretrained on the world's images to predict, for every patch, the
+#    colour and shape of the object under it, that object's row and column, and the patch's own row and column. A
+#    real CLIP tower's patch features carry position; a tower trained only on colour and shape can drop it, and
+#    the LM's rotary positions would then leave no image token that knows where it is. Frozen afterwards;
+# 4. the **VLM**, a `LlavaForConditionalGeneration`: the frozen tower, a fresh two-layer GELU projector
+#    (`mlp2x_gelu`) and the LM initialised from the base LM, trained in LLaVA's two stages: the projector alone on
+#    captions ("describe the image ."), then projector and LM on questions with the loss on the answer only, the
+#    LM at a lower learning rate than the projector.
+#
+# The prompt is the paper's chat shape at toy scale: `user : <image> {question} assistant :` for the VLM and
+# `user : {caption} {question} assistant :` for the LM (the paper's text-only stream puts the COCO caption where
+# the image was). Training all three on this 2-core CPU takes longer than CI allows, so the default profile's
+# models are committed artifacts made by `make organism` (fixed seed, one thread; `artifacts/PROVENANCE-default.json`
+# records the command, code commit and checksums, and `make organism-verify` retrains and compares bit for bit).
+# The `tiny` profile retrains in seconds whenever the book is built with it, which keeps the training code honest.
+
+# %% tags=["parameters"]
+profile = "default"
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from lib import organism as O
+from lib import world as W
+from lib.book import Outputs
+from lib.cache import MANIFEST, Cache, load_json, load_table
+from lib.pipeline import organism
+from lib.profiles import load_profile
+
+P = load_profile(profile)
+if P.lm is None:
+    raise SystemExit(
+        f"profile {P.name!r} has no organism: its models are pretrained checkpoints (see the introduction); "
+        "this chapter trains and evaluates the organism"
+    )
+out = Outputs("02_models", P.name)
+models = organism(P, Cache())
+info = {name: load_json(art / "info.json") for name, art in models.artifacts.items()}
+manifest = {name: load_json(art / MANIFEST) for name, art in models.artifacts.items()}
+print(P.description)
+for name, art in models.artifacts.items():
+    print(f"{name:5s} {art.path}")
+
+# %% [markdown]
+# ## Sizes and training cost
+# Wall time is the artifact's build time on the machine that made it (for the default profile: the CPU that ran
+# `make organism`, one thread).
+
+# %%
+n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+vlm = models.vlm
+training = pd.DataFrame(
+    [
+        dict(
+            model="base LM",
+            trained="all",
+            params=n_params(models.lm),
+            steps=P.lm.steps,
+            batch=P.lm.batch_size,
+            wall_s=manifest["lm"]["build_s"],
+        ),
+        dict(
+            model="vision tower",
+            trained="all (then frozen)",
+            params=n_params(vlm.model.vision_tower),
+            steps=P.tower.steps,
+            batch=P.tower.batch_size,
+            wall_s=manifest["tower"]["build_s"],
+        ),
+        dict(
+            model="VLM stage 1",
+            trained="projector",
+            params=n_params(vlm.model.multi_modal_projector),
+            steps=P.vlm.stage1_steps,
+            batch=P.vlm.batch_size,
+            wall_s=info["vlm"]["curve_stage1"][-1][2] if P.vlm.stage1_steps else 0.0,
+        ),
+        dict(
+            model="VLM stage 2",
+            trained="projector + LM",
+            params=n_params(vlm.model.multi_modal_projector) + n_params(vlm.model.language_model),
+            steps=P.vlm.stage2_steps,
+            batch=P.vlm.batch_size,
+            wall_s=info["vlm"]["curve_stage2"][-1][2] if P.vlm.stage2_steps else 0.0,
+        ),
+    ]
+)
+out.table(training, "training", float_format="{:.0f}")
+print(f"image tokens per image: {vlm.config.image_seq_length} (tower patch {P.tower.patch} px)")
+print("vision tower, per-patch probe accuracy on held-out images:", info["tower"]["accuracy"])
+
+# %% [markdown]
+# ## Training curves
+
+
+# %%
+def smooth(y, k=25):
+    y = np.asarray(y, dtype=float)
+    k = max(1, min(k, len(y)))
+    return np.convolve(y, np.ones(k) / k, mode="valid")
+
+
+curves = {
+    "base LM (caption + question, weighted)": info["lm"]["curve"],
+    "vision tower (six per-patch heads)": info["tower"]["curve"],
+    "VLM stage 1 (captions, projector only)": info["vlm"]["curve_stage1"],
+    "VLM stage 2 (answers, projector + LM)": info["vlm"]["curve_stage2"],
+}
+fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+for ax, (title, curve) in zip(axes, curves.items(), strict=True):
+    if curve:
+        loss = [c[1] for c in curve]
+        ax.plot(loss, color="0.8", lw=0.6)
+        ax.plot(np.arange(len(smooth(loss))) + min(25, len(loss)) // 2, smooth(loss), color="C0")
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9.5)
+    ax.set_xlabel("step")
+axes[0].set_ylabel("training loss (nats / token)")
+fig.tight_layout()
+out.figure(fig, "training_curves")
+
+# %% [markdown]
+# Each loss falls and flattens before its last step (grey: per step; blue: running mean over 25 steps). Stage 1
+# does not reach zero: the frozen LM can read only so much through the projector alone, and stage 2 is where the
+# LM learns to use the image tokens.
+
+# %%
+families = list(dict.fromkeys(W.QTYPES.values()))
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+for ax, (name, hist) in zip(
+    axes,
+    [("base LM on captions", info["lm"]["history"]), ("VLM on images (stage 2)", info["vlm"]["history"])],
+    strict=True,
+):
+    steps = [h[0] for h in hist]
+    for q in W.QTYPES:
+        ls = {"lookup": ":", "absolute": "--", "relational": "-"}[W.QTYPES[q]]
+        ax.plot(steps, [h[1][q] for h in hist], ls, marker="o", ms=3, label=q)
+    ax.set_title(name)
+    ax.set_xlabel("training step")
+    ax.set_ylim(0, 1.02)
+axes[0].set_ylabel("held-out accuracy")
+axes[1].legend(
+    fontsize=8,
+    ncol=1,
+    bbox_to_anchor=(1.01, 1),
+    loc="upper left",
+    title="dotted: lookup\ndashed: absolute\nsolid: relational",
+    title_fontsize=7.5,
+)
+fig.tight_layout()
+out.figure(fig, "heldout_accuracy")
+
+# %% [markdown]
+# Held-out accuracy during training, per question type. Counting is learned first in both models; lookup needs
+# the model to bind a colour to a shape, and relations need two such lookups and a comparison, so they come last.
+
+# %% [markdown]
+# ## Accuracy per question type
+# Held-out samples (a split no training stream draws from; `lib.organism.eval_samples`), scored by teacher forcing:
+# a sample is correct when every answer word is the model's top prediction. *Mean image*: every image embedding
+# replaced by the mean image-token embedding over the evaluation set, text unchanged: what the VLM can answer
+# without looking. The majority baseline is the share of the most common answer of that type.
+
+# %%
+lm_acc = load_table(models.artifacts["lm"] / "accuracy.parquet")
+vlm_acc = load_table(models.artifacts["vlm"] / "accuracy.parquet")
+mean_acc = load_table(models.artifacts["vlm"] / "accuracy_mean_image.parquet")
+accuracy = pd.DataFrame(
+    {
+        "qtype": vlm_acc.qtype,
+        "family": vlm_acc.family,
+        "n": vlm_acc.n,
+        "majority": vlm_acc.majority,
+        "lm_text": lm_acc.set_index("qtype").accuracy.reindex(vlm_acc.qtype).to_numpy(),
+        "lm_target": [O.TARGETS["lm"][q] for q in vlm_acc.qtype],
+        "vlm_image": vlm_acc.accuracy,
+        "vlm_target": [O.TARGETS["vlm"][q] for q in vlm_acc.qtype],
+        "vlm_mean_image": mean_acc.set_index("qtype").accuracy.reindex(vlm_acc.qtype).to_numpy(),
+    }
+)
+accuracy["lm_met"] = accuracy.lm_text >= accuracy.lm_target
+accuracy["vlm_met"] = accuracy.vlm_image >= accuracy.vlm_target
+out.table(accuracy, "accuracy", float_format="{:.2f}")
+
+fig, ax = plt.subplots(figsize=(10, 3.8))
+x = np.arange(len(accuracy))
+bars = [("majority", "0.75"), ("lm_text", "C0"), ("vlm_image", "C1"), ("vlm_mean_image", "C7")]
+labels = {
+    "majority": "majority answer",
+    "lm_text": "base LM, caption",
+    "vlm_image": "VLM, image",
+    "vlm_mean_image": "VLM, mean image",
+}
+for i, (col, color) in enumerate(bars):
+    ax.bar(x + (i - 1.5) * 0.2, accuracy[col], 0.2, color=color, label=labels[col])
+ax.scatter(x + 0.1, accuracy.vlm_target, marker="_", s=300, color="k", zorder=3, label="VLM target")
+ax.set_xticks(x, [f"{q}\n({f})" for q, f in zip(accuracy.qtype, accuracy.family, strict=True)], fontsize=8)
+ax.set_ylabel("held-out accuracy")
+ax.set_ylim(0, 1.05)
+ax.legend(fontsize=8, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+fig.tight_layout()
+out.figure(fig, "accuracy")
+
+# %%
+missed = {
+    "base LM": accuracy.qtype[~accuracy.lm_met].tolist(),
+    "VLM": accuracy.qtype[~accuracy.vlm_met].tolist(),
+}
+spatial = accuracy.family != "lookup"
+print("targets missed:", missed)
+print(
+    f"spatial types, mean accuracy: VLM {accuracy.vlm_image[spatial].mean():.2f}, with the mean image "
+    f"{accuracy.vlm_mean_image[spatial].mean():.2f}, majority {accuracy.majority[spatial].mean():.2f}"
+)
+
+# %% [markdown]
+# The table and figure carry the chapter's claim, and the two printed lines check it: the base LM answers from
+# words, the VLM from pixels, and the VLM's spatial answers collapse towards the majority baseline when the image
+# is replaced by its mean (bars in grey), so the image is what it reads. Where a target is missed, the printed
+# list names the question types; the closing note of the organism issue records what was tried.
+
+# %% [markdown]
+# ## Free answers
+# Greedy decoding through the standard `generate` with pixels in (no teacher forcing), on held-out samples.
+
+# %%
+show = O.eval_samples(P.seed + 7, 2 * len(W.QTYPES))[::2]
+answers = O.generate_answers(vlm, models.tokenizer, show)
+fig, axes = plt.subplots(1, len(show), figsize=(2.0 * len(show), 3.2))
+for ax, s, a in zip(axes, show, answers, strict=True):
+    ax.imshow(s.scene.render(), interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([]), ax.grid(False)
+    ok = "✓" if a == s.answer else "✗"
+    q = s.question.replace("statement : ", "").replace(" . is this correct ?", " ?")
+    ax.set_title(s.qtype, fontsize=9)
+    ax.set_xlabel(f"{q}\nVLM: {a} {ok}\ntruth: {s.answer}", fontsize=7.5, wrap=True)
+fig.tight_layout()
+out.figure(fig, "answers")
+print(f"{sum(a == s.answer for a, s in zip(answers, show, strict=True))} of {len(show)} free answers correct")
+
+# %% [markdown]
+# ## Are the two models still comparable?
+# The SAE chapters diff the base LM's SAEs against the VLM's activations, which assumes the residual stream kept
+# its scale through fine-tuning (a prototype that fine-tuned the LM at a high learning rate grew the VLM's norms
+# 15-40 fold). Mean norm per layer on text tokens, BOS dropped: the LM on caption prompts, the VLM on the text
+# tokens of image prompts.
+
+# %%
+norms = O.residual_norm_ratio(models.lm, vlm, models.tokenizer, O.eval_samples(P.seed + 1, 256))
+out.table(norms, "residual_norms", float_format="{:.2f}")
+print(f"VLM / LM norm ratio ranges {norms.ratio.min():.2f} to {norms.ratio.max():.2f} over the residual stream")
+
+# %% [markdown]
+# Ratios near one mean the LM's SAEs see inputs of the scale they were trained on, so the next chapter can test
+# them on the VLM without renormalising the activations.
