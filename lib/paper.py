@@ -444,12 +444,25 @@ def jumprelu_to_topk(sae, k: int):
     return topk
 
 
-def load_llama_scope_topk(layer: int, k: int = 50, device: str = "cpu", dtype: str = "float32"):
+def load_llama_scope_topk(
+    layer: int,
+    k: int = 50,
+    device: str = "cpu",
+    release: str | Path = LLAMA_SCOPE_RELEASE,
+    sae_id: str = "l{layer}r_8x",
+    dtype: str = "float32",
+):
     """Llama Scope's residual SAE for `layer` (SAELens release `llama_scope_lxr_8x`, id `l{layer}r_8x`; SAELens
-    folds the dataset norm scaling into the weights) rebuilt as a TopK SAE with `k` active features."""
+    folds the dataset norm scaling into the weights) rebuilt as a TopK SAE with `k` active features. `release` may
+    also be a local directory holding one folder per `sae_id` in SAELens' on-disk format (a copy made offline)."""
     from sae_lens import SAE
 
-    return jumprelu_to_topk(SAE.from_pretrained(LLAMA_SCOPE_RELEASE, f"l{layer}r_8x", device=device, dtype=dtype), k)
+    sid = sae_id.format(layer=layer)
+    if Path(release).is_dir():
+        sae = SAE.load_from_disk(Path(release) / sid, device=device, dtype=dtype)
+    else:
+        sae = SAE.from_pretrained(str(release), sid, device=device, dtype=dtype)
+    return jumprelu_to_topk(sae, k)
 
 
 # ---------------------------------------------------------------------------------------------------------------

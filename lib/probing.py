@@ -76,6 +76,46 @@ class FiringCounts:
         self.n_gen += int((~spatial_n).sum())
 
 
+@torch.no_grad()
+def firing_counts(
+    vlm: VLM, encode_by_layer: Mapping[int, Callable], samples: SampleSet, spatial_s, batch_size: int = 8
+) -> dict[int, FiringCounts]:
+    """Per layer, how often each feature fires on the text positions (real, non-image, non-BOS tokens) of spatial
+    and of general questions; `spatial_s[i]` is the keyword split of sample i. One forward per batch, all layers."""
+    spatial_s = torch.as_tensor(np.asarray(spatial_s, dtype=bool))
+    assert len(spatial_s) == len(samples), f"{len(spatial_s)} spatial flags for {len(samples)} samples"
+    layers = sorted(encode_by_layer)
+    counts: dict[int, FiringCounts] = {}
+    for start, batch in zip(
+        range(0, len(samples), batch_size),
+        iter_batches(vlm, samples.images, samples.questions, batch_size),
+        strict=True,
+    ):
+        text_bs = batch.text_bs.cpu()
+        sp_bs = spatial_s[start : start + text_bs.shape[0], None].expand_as(text_bs)
+
+        def on_layer(name: str, x_bsd: torch.Tensor, text_bs=text_bs, sp_bs=sp_bs) -> None:
+            layer = int(name.split(".")[1])
+            z_nf = encode_by_layer[layer](x_bsd[text_bs.to(x_bsd.device)]).float().cpu()
+            counts.setdefault(layer, FiringCounts(z_nf.shape[1])).update(z_nf, sp_bs[text_bs])
+
+        resid_stream(vlm, batch, layers=layers, on_layer=on_layer)
+    return counts
+
+
+def spatial_table(counts: Mapping[int, FiringCounts]) -> pd.DataFrame:
+    """`fisher_table` of every layer's counts, with layer and feature columns (BH adjustment per layer, as the
+    authors test each layer's SAE separately)."""
+    frames = []
+    for layer, c in sorted(counts.items()):
+        t = fisher_table(c.c_sp.numpy(), c.n_sp, c.c_gen.numpy(), c.n_gen)
+        t.insert(0, "feature", np.arange(len(t)))
+        t.insert(0, "layer", layer)
+        t["n_spatial_tokens"], t["n_general_tokens"] = c.n_sp, c.n_gen
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True)
+
+
 def fisher_table(c_sp: np.ndarray, n_sp: int, c_gen: np.ndarray, n_gen: int) -> pd.DataFrame:
     """One-sided (greater) Fisher exact test per feature with scipy, odds ratio, delta frequency, BH-adjusted p.
 
@@ -306,6 +346,21 @@ class TopSamples(NamedTuple):
     def indices(self, key: FeatureKey) -> list[int]:
         row = self.index_fk[self.keys.index(tuple(key))]
         return [int(i) for i in row if i >= 0]
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, keys, positions: str) -> TopSamples:
+        """Back from a long table (layer, feature, rank, sample, value or activation) for the features `keys`."""
+        keys = feature_keys(keys)
+        n = int(df["rank"].max()) + 1 if len(df) else 1
+        index_fk = torch.full((len(keys), n), -1, dtype=torch.long)
+        value_fk = torch.full((len(keys), n), -math.inf)
+        where = {k: j for j, k in enumerate(keys)}
+        value = df["value"] if "value" in df else df["activation"]
+        for layer, feature, rank, sample, v in zip(df.layer, df.feature, df["rank"], df["sample"], value, strict=True):
+            j = where.get((int(layer), int(feature)))
+            if j is not None:
+                index_fk[j, int(rank)], value_fk[j, int(rank)] = int(sample), float(v)
+        return cls(keys, index_fk, value_fk, positions)
 
     def frame(self) -> pd.DataFrame:
         """Long table: layer, feature, rank, sample, activation."""
@@ -1157,3 +1212,51 @@ def draw_feature_panel(
             text.set_position((x, -y))
         x += w_pt + gap_pt
     return ax_img, ax_txt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures of chapter 5
+
+
+def plot_volcano(table: pd.DataFrame, min_odds: float, min_delta: float):
+    """log2 odds ratio vs -log10 BH-adjusted p per feature; spatial candidates (OR and delta thresholds) in
+    colour, adapted ones outlined."""
+    import matplotlib.pyplot as plt
+
+    t = table[np.isfinite(table.odds_ratio) & (table.odds_ratio > 0)]
+    x = np.log2(t.odds_ratio)
+    y = -np.log10(t.p_adj.clip(lower=1e-300))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sp = t.spatial.astype(bool).to_numpy()
+    ax.scatter(x[~sp], y[~sp], s=5, color="0.7", label="other", rasterized=True)
+    ax.scatter(x[sp], y[sp], s=12, color="#9467bd", label=f"spatial (OR ≥ {min_odds:g}, Δfreq ≥ {min_delta:g})")
+    both = sp & t.adapted.astype(bool).to_numpy()
+    ax.scatter(x[both], y[both], s=40, facecolor="none", edgecolor="#ff7f0e", linewidth=1.2, label="… and adapted")
+    ax.axvline(np.log2(min_odds), color="k", ls="--", lw=1)
+    n_inf = int((~np.isfinite(table.odds_ratio) & (table.odds_ratio > 0)).sum())
+    ax.set_xlabel(
+        "log2 odds ratio (spatial vs general questions)" + (f"; {n_inf} with OR = ∞ not shown" if n_inf else "")
+    )
+    ax.set_ylabel("−log10 BH-adjusted p")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_auroc_groups(per_feature: pd.DataFrame):
+    """Best relation AUROC of the final features vs random adapted and random features (strip + box)."""
+    import matplotlib.pyplot as plt
+
+    groups = ["final", "random adapted", "random"]
+    data = [per_feature.loc[per_feature.group == g, "best_relation_auroc"].dropna().to_numpy() for g in groups]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.boxplot([d if len(d) else [np.nan] for d in data], widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(data, start=1):
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=10, alpha=0.7)
+    ax.set_xticks(range(1, len(groups) + 1), [f"{g}\n(n={len(d)})" for g, d in zip(groups, data, strict=True)])
+    ax.axhline(0.5, color="k", ls=":", lw=1)
+    ax.set_ylabel("best AUROC for the true relation")
+    ax.set_ylim(0.3, 1.02)
+    fig.tight_layout()
+    return fig

@@ -113,6 +113,79 @@ class PaperConfig(Section):
     dtype: str = _f("bfloat16", lambda v: v in ("bfloat16", "float16", "float32"), "one of bfloat16, float16, float32")
 
 
+def _float_in(default: float, lo: float, hi: float):
+    return _f(default, lambda v: isinstance(v, float) and lo <= v <= hi, f"a number in [{lo}, {hi}]")
+
+
+def _grid(default: tuple, lo: float, hi: float):
+    return _f(
+        default,
+        lambda v: len(v) > 0 and all(isinstance(x, (int, float)) and lo <= x <= hi for x in v),
+        f"a non-empty list of numbers in [{lo}, {hi}]",
+    )
+
+
+@dataclass(frozen=True)
+class SAEConfig(Section):
+    """Step 1 (chapters/03_sae_adaptation.py). The organism's base SAEs are trained here on the base LM's text
+    stream (width = expansion x d_model, k active); the paper's are Llama Scope rebuilt as TopK k = paper.topk."""
+
+    expansion: int = _int_in(4, 1, 64)
+    k: int = _int_in(16, 1, 4096)
+    base_pairs: int = _int_in(20_000, 8, 10_000_000)  # (caption, question) pairs the base SAEs train on
+    base_lr: float = _float_in(1e-3, 1e-6, 0.1)
+    base_batch_size: int = _int_in(32, 1, 4096)
+    adapt_pairs: int = _int_in(4000, 8, 10_000_000)  # (image, question) pairs, one pass (organism)
+    heldout_pairs: int = _int_in(512, 8, 1_000_000)  # held-out pairs for every metric (organism)
+    lr: float = _float_in(2e-4, 1e-6, 0.1)  # METHOD.md: Adam, 2e-4 (the 1.41e-4 branch never ran; lib.sae)
+    batch_size: int = _int_in(8, 1, 4096)  # sequences per step (METHOD.md: 8)
+    eval_every: int = _int_in(50, 0, 1_000_000)  # held-out FVU every this many steps (0: start and end only)
+    layers: tuple[int, ...] = _f((), lambda v: all(isinstance(x, int) and x >= 0 for x in v), "a list of layers")
+    # The width x k sweep the organism's choice of expansion and k is read from (chapter 3), on fewer pairs.
+    sweep_expansion: tuple[int, ...] = _grid((2, 4, 8), 1, 64)
+    sweep_k: tuple[int, ...] = _grid((8, 16, 32), 1, 4096)
+    sweep_pairs: int = _int_in(5000, 8, 10_000_000)
+
+
+@dataclass(frozen=True)
+class DiffingConfig(Section):
+    """Step 2 (chapters/04_feature_diffing.py): adapted = visual energy > eps and decoder cosine <= the pooled
+    q-th percentile; the robustness sweep covers eps_grid x q_grid."""
+
+    eps: float = _float_in(0.01, 0.0, 1.0)
+    q: float = _float_in(25.0, 0.0, 100.0)
+    eps_grid: tuple[float, ...] = _grid((5e-4, 1e-3, 2e-3, 5e-3, 1e-2), 0.0, 1.0)
+    q_grid: tuple[float, ...] = _grid((15, 20, 25, 30, 35), 0.0, 100.0)
+    variant: str = _f("text-only", lambda v: v in ("full", "text-only", "image-only", "random"), "a variant name")
+
+
+@dataclass(frozen=True)
+class ProbingConfig(Section):
+    """Step 3 (chapters/05_spatial_probing.py)."""
+
+    n_questions: int = _int_in(4000, 8, 10_000_000)  # questions whose text positions are counted (organism)
+    min_odds: float = _float_in(3.0, 0.0, 1e9)
+    min_delta: float = _float_in(0.005, -1.0, 1.0)
+    fire_threshold: float = _float_in(0.01, 0.0, 1e9)  # lexical filter: "still fires" means max activation above this
+    top_n: int = _int_in(10, 6, 1000)  # top samples per feature (auto-interp describes from n - 5, scores on 5)
+    reading: str = _f("all", lambda v: v in ("all", "image"), "'all' or 'image'")
+    n_ground_truth: int = _int_in(1000, 8, 1_000_000)  # scenes for the AUROC check (organism)
+    n_random: int = _int_in(50, 1, 100_000)
+    min_auroc: float = _float_in(0.9, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class AttributionConfig(Section):
+    """Step 4 (chapters/06_attribution.py)."""
+
+    n_samples: int = _int_in(64, 1, 100_000)  # statements attribution and exhaustive patching run on
+    batch_size: int = _int_in(8, 1, 4096)
+    top_k: int = _int_in(3, 1, 1024)  # heads ablated
+    n_statements: int = _int_in(720, 8, 1_000_000)  # benchmark size (organism; the paper's is VSR's test split)
+    n_controls: int = _int_in(360, 8, 1_000_000)  # colour/shape control questions (organism)
+    n_random: int = _int_in(3, 1, 100)  # random-head draws
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -125,6 +198,11 @@ class Profile:
     lm: object | None = None
     tower: object | None = None
     vlm: object | None = None
+    # The analysis, the same for every profile (defaults are the paper's choices where it states them).
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    diffing: DiffingConfig = field(default_factory=DiffingConfig)
+    probing: ProbingConfig = field(default_factory=ProbingConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
     def __post_init__(self):
         if (self.world is None) == (self.paper is None):
@@ -151,6 +229,10 @@ _SECTION_TYPES = {
     "lm": "LMConfig",
     "tower": "TowerConfig",
     "vlm": "VLMConfig",
+    "sae": SAEConfig,
+    "diffing": DiffingConfig,
+    "probing": ProbingConfig,
+    "attribution": AttributionConfig,
 }
 
 

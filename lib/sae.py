@@ -413,6 +413,20 @@ class SAEBank(torch.nn.Module):
                     bank.load_sae(li, vi, base_saes[layer])
         return bank
 
+    @classmethod
+    def from_saes(cls, saes: Mapping[str, Mapping[int, SAE]], model_name: str = "") -> SAEBank:
+        """A bank holding trained SAEs, `saes[variant][layer]` (e.g. `load_saes` of each variant), for evaluation."""
+        known = {v.name: v for v in (*ADAPTATION_VARIANTS, BASE)}
+        variants = [known.get(name, Variant(name, "base", "all")) for name in saes]
+        layers = sorted(next(iter(saes.values())))
+        first = next(iter(saes.values()))[layers[0]].cfg
+        spec = SAESpec(first.d_in, first.d_sae, int(first.k), bool(first.apply_b_dec_to_input))
+        bank = cls(spec, layers, variants, model_name=model_name)
+        for vi, by_layer in enumerate(saes.values()):
+            for li, layer in enumerate(layers):
+                bank.load_sae(li, vi, by_layer[layer])
+        return bank
+
     @torch.no_grad()
     def _set(self, li, vi, W_enc_df, b_enc_f, W_dec_fd, b_dec_d):
         self.W_enc[li, :, vi].copy_(W_enc_df)
