@@ -9,6 +9,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   book_requires: [world]
 #   book_outputs:
 #     figures: [scene_grid, question_counts]
 #     tables: [question_types, statement_balance, keyword_split]
@@ -50,8 +51,6 @@ from lib.pipeline import world_census
 from lib.profiles import load_profile
 
 P = load_profile(profile)
-if P.world is None:
-    raise SystemExit(f"profile {P.name!r} has no generated world: this chapter is about the organism's data")
 out = Outputs("01_world", P.name)
 cache = Cache()
 print(P.description, "|", P.world)

@@ -9,6 +9,7 @@
 #     display_name: Python 3
 #     language: python
 #     name: python3
+#   book_requires: [world, lm]
 #   book_outputs:
 #     figures: [training_curves, heldout_accuracy, accuracy, answers]
 #     tables: [training, accuracy, residual_norms]
@@ -56,11 +57,6 @@ from lib.pipeline import organism
 from lib.profiles import load_profile
 
 P = load_profile(profile)
-if P.lm is None:
-    raise SystemExit(
-        f"profile {P.name!r} has no organism: its models are pretrained checkpoints (see the introduction); "
-        "this chapter trains and evaluates the organism"
-    )
 out = Outputs("02_models", P.name)
 models = organism(P, Cache())
 info = {name: load_json(art / "info.json") for name, art in models.artifacts.items()}

@@ -144,10 +144,15 @@ class VLMConfig:
     # then the full mix with `single_object_frac` of each batch still single-object.
     single_object_steps: int = 500
     single_object_frac: float = 0.1
+    # Share of each stage-2 batch that asks for the caption ("describe the image .", answer = the caption), as
+    # LLaVA's instruction data mixes detailed descriptions with questions. The caption names every object's colour,
+    # shape and position, so it supervises every binding the questions need with many tokens per image.
+    caption_frac: float = 0.0
     n_eval: int = 900
     eval_every: int = 500
 
     def __post_init__(self):
+        _check(0 <= self.caption_frac < 1, self, "caption_frac must lie in [0, 1)")
         _check(self.lm_lr <= self.projector_lr, self, "lm_lr must not exceed projector_lr (LLaVA's recipe)")
         _check(min(self.n_scenes, self.batch_size, self.n_eval) > 0, self, "n_scenes, batch_size, n_eval > 0")
         _check(self.stage1_steps >= 0 and self.stage2_steps >= 0, self, "stage steps must be >= 0")
@@ -347,11 +352,21 @@ def _schedule(opt, warmup: int, steps: int):
     )
 
 
-def _weighted_ce(logits_bsv: torch.Tensor, batch: TextBatch, context_weight: float, answer_weight: float):
-    """Next-token cross-entropy, position s predicting token s + 1, weighted per target token."""
+def _weighted_ce(
+    logits_bsv: torch.Tensor,
+    batch: TextBatch,
+    context_weight: float,
+    answer_weight: float,
+    per_sample: bool = False,
+):
+    """Next-token cross-entropy, position s predicting token s + 1, weighted per target token. `per_sample`: each
+    sample's weighted mean first, then the mean over samples (a long caption answer weighs as much as a one-word
+    answer)."""
     target_bs = batch.input_ids_bs[:, 1:]
     ce_bs = F.cross_entropy(logits_bsv[:, :-1].flatten(0, 1), target_bs.flatten(), reduction="none")
     w_bs = (context_weight * batch.attention_mask_bs[:, 1:] + answer_weight * batch.target_mask_bs[:, 1:]).float()
+    if per_sample:
+        return ((ce_bs.view_as(w_bs) * w_bs).sum(1) / w_bs.sum(1)).mean()
     return (ce_bs.view_as(w_bs) * w_bs).sum() / w_bs.sum()
 
 
@@ -633,11 +648,11 @@ def train_vlm(
     gen = torch.Generator().manual_seed(seed)
     n_img = vlm.config.image_seq_length
 
-    def step_on(idx_b, answers, questions, weights):
+    def step_on(idx_b, answers, questions, weights, per_sample=False):
         samples = [pool[i] for i in idx_b.tolist()]
         batch = encode(tokenizer, [vlm_text(q, n_img) for q in questions(samples)], answers(samples))
         logits = vlm_forward(vlm, batch, projector(feats_bph[idx_b])).logits
-        return _weighted_ce(logits, batch, *weights)
+        return _weighted_ce(logits, batch, *weights, per_sample=per_sample)
 
     # Stage 1: projector only, captions (answer-only loss on the caption words + <eos>).
     lang.requires_grad_(False), vlm.lm_head.requires_grad_(False)
@@ -674,7 +689,15 @@ def train_vlm(
                 ]
             )
         vlm.train(), vlm.model.vision_tower.eval()
-        loss = step_on(idx_b, lambda ss: [s.answer for s in ss], lambda ss: [s.question for s in ss], (0.0, 1.0))
+        n_cap = round(cfg.caption_frac * cfg.batch_size) if step >= cfg.single_object_steps else 0
+        is_cap = [i < n_cap for i in range(len(idx_b))]  # the first n_cap samples of the batch describe the image
+        loss = step_on(
+            idx_b,
+            lambda ss, is_cap=is_cap: [s.scene.caption() if c else s.answer for s, c in zip(ss, is_cap, strict=True)],
+            lambda ss, is_cap=is_cap: [CAPTION_PROMPT if c else s.question for s, c in zip(ss, is_cap, strict=True)],
+            (0.0, 1.0),
+            per_sample=cfg.caption_frac > 0,
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*projector.parameters(), *lm_params], 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)

@@ -34,6 +34,7 @@ Shape key: b batch, c channels, y/x image rows/columns, d model width, f SAE fea
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -577,3 +578,78 @@ def text_stream_pairs(vqa, captions: dict[int, str], name: str = VQAV2_ID) -> tu
     if missing is not None:
         raise DatasetSchemaError(f"dataset {name}: image_id {missing} has no COCO caption in the captions file")
     return [captions[int(i)] for i in image_ids], list(questions)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper profile's data for every step (lib.pipeline.data)
+
+# The keyword split of VQAv2 questions (METHOD.md, step 3: "left, right, above, below, behind, on top of, next to,
+# between, ..."). The list after "between" is the book's completion of the source's "...", stated here.
+SPATIAL_PATTERN = re.compile(
+    r"\b(left|right|above|below|behind|on top of|next to|between|beside|under|underneath|beneath|in front of|"
+    r"near|over|inside|outside|far|close to|top|bottom|middle|center|corner)\b",
+    re.IGNORECASE,
+)
+VSR_PROMPT = "Is the following statement correct? Answer only with 'Yes' or 'No'.\nStatement: {caption}\nAnswer:"
+
+
+def is_spatial_question(question: str) -> bool:
+    return SPATIAL_PATTERN.search(question) is not None
+
+
+class _Rows(Sequence):
+    """(image, text) pairs read lazily from dataset rows."""
+
+    def __init__(self, n: int, get):
+        self.n, self.get = n, get
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.get(j) for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.get(i % self.n)
+
+
+def paper_data(P):
+    """`lib.pipeline.Data` for the paper profile: VQAv2 rows for adaptation and held-out metrics, COCO captions for
+    the text-only stream, the first `n_spatial_questions` spatial and as many general VQAv2 questions (adaptation
+    rows, keyword regex above) for probing, VSR as the statement benchmark. No ground truth, no control task."""
+    from .attribution import Statement
+    from .pipeline import Data
+    from .probing import SampleSet
+
+    cfg = P.paper
+    name = cfg.vqa_dataset
+    vqa = load_vqav2(name, columns=(*VQA_PROBING_COLUMNS, "image_id"), split=cfg.vqa_split)
+    adapt = _rows(vqa, range(*cfg.adapt_rows), name)
+    heldout = _rows(vqa, range(*cfg.heldout_rows), name)
+    pairs = lambda ds: _Rows(len(ds), lambda i: (ds[i]["image"], ds[i]["question"]))  # noqa: E731
+    captions = load_coco_captions(cfg.coco_captions)
+    caps, questions = text_stream_pairs(heldout, captions, name)
+    questions_all = adapt["question"]
+    spatial = [i for i, q in enumerate(questions_all) if is_spatial_question(q)][: cfg.n_spatial_questions]
+    general = [i for i, q in enumerate(questions_all) if not is_spatial_question(q)][: len(spatial)]
+    order = sorted(spatial + general)
+    probe_rows = adapt.select(order)
+    vsr = load_vsr(cfg.vsr_dataset, cfg.vsr_split)
+    root = cfg.coco_images or None
+    statements = [
+        Statement(vsr_image(row, root), VSR_PROMPT.format(caption=row["caption"]), bool(row["label"]), row["relation"])
+        for row in vsr
+    ]
+    return Data(
+        adapt=pairs(adapt),
+        heldout=pairs(heldout),
+        text=None,
+        heldout_text=list(zip(caps, questions, strict=True)),
+        probe=SampleSet(_Rows(len(probe_rows), lambda i: probe_rows[i]["image"]), list(probe_rows["question"])),
+        probe_spatial=np.array([is_spatial_question(q) for q in probe_rows["question"]]),
+        ground_truth=None,
+        statements=statements,
+        controls=[],
+        samples=None,
+    )

@@ -176,7 +176,15 @@ def models(P: Profile, cache: Cache):
     if P.paper is not None:
         from .paper import load_paper_vlm
 
-        return load_paper_vlm(P.paper.vlm, P.paper.llm, P.paper.vision_tower, dtype=getattr(torch, P.paper.dtype))
+        # The generation prompt (assistant header) ends every prompt, so the last position is where the answer is
+        # formed: the statement benchmark reads its next-token logits there.
+        return load_paper_vlm(
+            P.paper.vlm,
+            P.paper.llm,
+            P.paper.vision_tower,
+            dtype=getattr(torch, P.paper.dtype),
+            add_generation_prompt=True,
+        )
     from . import organism as O
     from .tokenizer import BOS, IMAGE
 

@@ -110,6 +110,15 @@ class PaperConfig(Section):
         "cambridgeltl/vsr_random", lambda v: isinstance(v, str) and v != "", "a dataset id or local path"
     )
     n_spatial_questions: int = _int_in(20_000, 1, 1_000_000)
+    coco_captions: str = _f(
+        "captions_val2014.json",
+        lambda v: isinstance(v, str) and v != "",
+        "the path of COCO's captions_val2014.json (the text-only stream's captions of VQAv2's images)",
+    )
+    coco_images: str = _f(
+        "", lambda v: isinstance(v, str), "a COCO 2017 image directory for VSR, or '' if VSR holds images"
+    )
+    vsr_split: str = _f("test", lambda v: v in ("train", "dev", "test"), "one of train, dev, test")
     dtype: str = _f("bfloat16", lambda v: v in ("bfloat16", "float16", "float32"), "one of bfloat16, float16, float32")
 
 

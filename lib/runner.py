@@ -242,15 +242,47 @@ def kernel_environment(root: Path) -> Iterator[None]:
         os.environ.update(saved)
 
 
+def missing_sections(chapter: Chapter, profile: str, nb: nbformat.NotebookNode | None = None) -> list[str]:
+    """The profile sections a chapter declares it needs (header field `book_requires`, e.g. `[world]` for the
+    chapters about the organism) that `profile` (a name or a .toml path) does not have."""
+    from lib.profiles import load_profile
+
+    nb = nb if nb is not None else jupytext.read(chapter.source, fmt="py:percent")
+    needed = nb.metadata.get("book_requires") or []
+    if not isinstance(needed, list) or not all(isinstance(n, str) for n in needed):
+        raise RunnerError(f"{chapter.source}: header field `jupyter.book_requires` = {needed!r}: expected a list")
+    P = load_profile(profile)
+    return [n for n in needed if getattr(P, n, None) is None]
+
+
+def _not_applicable(chapter: Chapter, nb: nbformat.NotebookNode, profile: str, missing: list[str]) -> None:
+    """The book page of a chapter that does not apply to a profile: its introduction and one line saying why."""
+    intro = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    sections = ", ".join(f"[{m}]" for m in missing)
+    note = nbformat.v4.new_markdown_cell(
+        f"**Not run with profile `{profile}`:** this chapter needs the profile section(s) {sections}, which "
+        f"`{profile}` does not have. It is about the self-contained organism; the paper's models enter in the "
+        "chapters that follow."
+    )
+    page = nbformat.v4.new_notebook(cells=[c for c in (intro, note) if c is not None], metadata=nb.metadata)
+    page.metadata["papermill"] = {"parameters": {"profile": profile}, "input_path": str(chapter.source)}
+    nbformat.write(page, chapter.notebook)
+
+
 def run_chapter(
     chapter: Chapter, profile: str, root: Path, progress_bar: bool = False, verbose: bool = False
 ) -> ChapterResult:
-    """Execute one chapter into its notebook; a failing cell is returned as `failure`, not raised.
+    """Execute one chapter into its notebook; a failing cell is returned as `failure`, not raised. A chapter that
+    needs a profile section the profile lacks (`missing_sections`) is not executed: its page says so.
 
     `verbose` echoes what the cells print (stdout and stderr) while they run, e.g. for CI logs.
     """
     nb = read_chapter(chapter)
     chapter.notebook.parent.mkdir(parents=True, exist_ok=True)
+    missing = missing_sections(chapter, profile, nb)
+    if missing:
+        _not_applicable(chapter, nb, profile, missing)
+        return ChapterResult(chapter, 0.0, [], [], None)
     started = time.perf_counter()
     failure = None
     try:
@@ -458,11 +490,14 @@ MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF"}
 
 
 def expected_outputs(root: Path, profile: str, chapter: Chapter) -> list[Path]:
+    if missing_sections(chapter, profile):
+        return []
     declared = declared_outputs(chapter)
+    name_ = Path(profile).stem  # a profile given as a .toml path writes under its file name (lib.book.Outputs)
     paths = []
     for name in declared.figures:
-        paths += [root / "book" / "figures" / profile / chapter.stem / f"{name}{ext}" for ext in (".png", ".pdf")]
-    paths += [root / "book" / "tables" / profile / chapter.stem / f"{name}.csv" for name in declared.tables]
+        paths += [root / "book" / "figures" / name_ / chapter.stem / f"{name}{ext}" for ext in (".png", ".pdf")]
+    paths += [root / "book" / "tables" / name_ / chapter.stem / f"{name}.csv" for name in declared.tables]
     return paths
 
 

@@ -322,14 +322,19 @@ def write_llama(directory: Path, seed: int = 2) -> Path:
 
 
 def write_jumprelu_sae(
-    directory: Path, d_in: int = 32, d_sae: int = 128, seed: int = 3, apply_b_dec_to_input: bool = True
+    directory: Path,
+    d_in: int = 32,
+    d_sae: int = 128,
+    seed: int = 3,
+    apply_b_dec_to_input: bool = True,
+    layer: int = 1,
 ) -> Path:
     """A random JumpReLU SAE saved with SAELens' `save_model` (cfg.json + sae_weights.safetensors)."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
     torch.manual_seed(seed)
     cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec_to_input)
-    cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
     cfg.metadata.model_name = "tiny-llama"
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():
@@ -337,6 +342,14 @@ def write_jumprelu_sae(
             getattr(sae, name).normal_(std=0.3)
         sae.threshold.fill_(0.2)
     sae.save_model(directory)
+    return Path(directory)
+
+
+def write_llama_scope(directory: Path, n_layers: int, d_in: int, d_sae: int = 128) -> Path:
+    """A local stand-in for the `llama_scope_lxr_8x` release: one folder per sae_id `l{L}r_8x` in SAELens' format,
+    JumpReLU, b_dec not applied to the input (as Llama Scope's are)."""
+    for layer in range(n_layers):
+        write_jumprelu_sae(Path(directory) / f"l{layer}r_8x", d_in, d_sae, 10 + layer, False, layer)
     return Path(directory)
 
 
