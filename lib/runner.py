@@ -251,6 +251,8 @@ def missing_sections(chapter: Chapter, profile: str, nb: nbformat.NotebookNode |
     needed = nb.metadata.get("book_requires") or []
     if not isinstance(needed, list) or not all(isinstance(n, str) for n in needed):
         raise RunnerError(f"{chapter.source}: header field `jupyter.book_requires` = {needed!r}: expected a list")
+    if not needed:
+        return []
     P = load_profile(profile)
     return [n for n in needed if getattr(P, n, None) is None]
 

@@ -35,3 +35,28 @@ def test_feature_table_matches_direct_computation():
     cos = torch.nn.functional.cosine_similarity(base[1].W_dec, adapted["text-only"][1].W_dec, dim=1)
     np.testing.assert_allclose(rows.dec_cos.to_numpy(), cos.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert rows.visual_energy_raw.between(0, 1).all()
+
+
+def test_image_dependence_matches_direct_computation():
+    """Relative change of each feature under the mean-image corruption, against two direct forwards."""
+    torch.set_num_threads(1)
+    vlm = fakes.world_vlm(seed=1, n_layers=2)
+    samples = world.make_samples(1, "heldout", 8)
+    pairs = [(s.scene.render(), s.question) for s in samples]
+    reference = [s.scene.render() for s in world.make_samples(1, "ref", 4)]
+    saes = {1: random_topk_sae(5)}
+    dep = diffing.image_dependence(vlm, saes, pairs, reference, batch_size=3)
+    assert dep.layer.unique().tolist() == [1] and len(dep) == saes[1].cfg.d_sae
+
+    from lib.attribution import mean_image_embedding
+
+    mean_d = mean_image_embedding(vlm, reference)
+    batch = A.prepare(vlm, [p[0] for p in pairs], [p[1] for p in pairs])
+    clean = A.capture(vlm, batch, resid_layers=[1]).resid[A.resid_name(1)][batch.keep_bs]
+    with A.replace_image_embeddings(vlm, mean_d):
+        corrupt = A.capture(vlm, batch, resid_layers=[1]).resid[A.resid_name(1)][batch.keep_bs]
+    z, zc = saes[1].encode(clean).double(), saes[1].encode(corrupt).double()
+    mass = z.abs().sum(0)
+    expect = torch.where(mass > 0, (z - zc).abs().sum(0) / mass.clamp_min(1e-12), torch.zeros_like(mass))
+    np.testing.assert_allclose(dep.image_dependence.to_numpy(), expect.detach().numpy(), rtol=1e-5, atol=1e-9)
+    assert (dep.image_dependence > 0).any(), "a random SAE on a random model reads the image somewhere"

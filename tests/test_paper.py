@@ -283,3 +283,12 @@ def test_coco_captions_for_the_text_stream(tmp_path):
     assert caps[:3] == ["caption 0 of image 100."] * 2 + ["caption 0 of image 101."] and questions == vqa["question"]
     with pytest.raises(P.DatasetSchemaError, match="image_id 102 has no COCO caption"):
         P.text_stream_pairs(vqa, {k: v for k, v in captions.items() if k != 102})
+
+
+def test_vqa_keyword_split():
+    assert P.is_spatial_question("What is to the left of the dog?")
+    assert P.is_spatial_question("Is the cat on top of the laptop?")
+    assert P.is_spatial_question("What is next to the bus?")
+    assert not P.is_spatial_question("What color is the bus?")
+    assert not P.is_spatial_question("How many people are there?")
+    assert not P.is_spatial_question("Is this a leftover pizza?"), "whole words only"

@@ -55,3 +55,22 @@ def test_export_then_verify_reproduces_the_organism_bit_for_bit(tmp_path, monkey
     text = weights.read_text()
     weights.write_text(text.replace('"sha256": "', '"sha256": "0', 1))
     assert pipeline.export_organism("tiny", store, verify=True) == 1
+
+
+def test_data_follows_the_profile_and_keeps_splits_apart():
+    """The organism's data for steps 1-4: sizes from the profile, no scene shared between the streams that train
+    (adaptation, base SAEs) and the ones that measure (held-out, probing, ground truth, benchmark)."""
+    P = load_profile("tiny")
+    D = pipeline.data(P)
+    assert len(D.adapt) == P.sae.adapt_pairs and len(D.heldout) == P.sae.heldout_pairs
+    assert len(D.text) == P.sae.base_pairs and len(D.probe) == P.probing.n_questions
+    assert len(D.statements) == P.attribution.n_statements and len(D.controls) == P.attribution.n_controls
+    image, question = D.adapt[0]
+    assert image.shape == (P.world.image_px, P.world.image_px, 3) and isinstance(question, str)
+    assert D.heldout_text[0] == (D.samples["heldout"][0].scene.caption(), D.samples["heldout"][0].question)
+    assert D.probe_spatial.any() and not D.probe_spatial.all()
+    assert all(len(s.scene.objects) == 2 for s in D.samples["ground_truth"])
+    captions = {k: {s.scene.caption() + s.question for s in v} for k, v in D.samples.items()}
+    for train in ("adapt", "text"):
+        for held in ("heldout", "probe", "ground_truth", "statements"):
+            assert not captions[train] & captions[held], f"{train} and {held} share a sample"

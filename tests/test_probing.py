@@ -5,6 +5,7 @@ import base64
 import io
 import itertools
 import json
+import math
 
 import fakes
 import matplotlib
@@ -539,3 +540,34 @@ def test_sample_set_is_lazy_and_checked(world_samples):
     np.testing.assert_array_equal(s.images[2], world_samples[2].scene.render())
     with pytest.raises(AssertionError, match="3 images for 2 questions"):
         P.SampleSet([1, 2, 3], ["a", "b"])
+
+
+def test_firing_counts_equal_direct_counts(vlm, world_samples):
+    """Streamed per-layer firing counts on text positions, split by the keyword flag, against one direct pass."""
+    enc = {0: topk_encoder(32, 16, 4, seed=0), 1: topk_encoder(32, 16, 4, seed=1)}
+    S = P.SampleSet.from_world(world_samples)
+    spatial = np.array([s.spatial for s in world_samples])
+    counts = P.firing_counts(vlm, enc, S, spatial, batch_size=4)
+    batch = A.prepare(vlm, list(S.images), list(S.questions))
+    resid = A.resid_stream(vlm, batch, [0, 1])
+    sp_bs = torch.as_tensor(spatial)[:, None].expand_as(batch.text_bs)
+    for layer in (0, 1):
+        fires = enc[layer](resid[A.resid_name(layer)][batch.text_bs]) > 0
+        sp_n = sp_bs[batch.text_bs]
+        assert torch.equal(counts[layer].c_sp, fires[sp_n].sum(0)) and counts[layer].n_sp == int(sp_n.sum())
+        assert torch.equal(counts[layer].c_gen, fires[~sp_n].sum(0)) and counts[layer].n_gen == int((~sp_n).sum())
+    table = P.spatial_table(counts)
+    assert len(table) == 32 and table.layer.tolist() == [0] * 16 + [1] * 16
+    assert table.p_adj.between(0, 1).all()
+
+
+def test_top_samples_round_trip_through_a_long_table():
+    top = P.TopSamples(
+        [(1, 3), (2, 0)],
+        torch.tensor([[5, 2, -1], [7, 1, 0]]),
+        torch.tensor([[0.9, 0.5, -math.inf], [0.8, 0.3, 0.1]]),
+        "text",
+    )
+    back = P.TopSamples.from_frame(top.frame(), top.keys, "text")
+    assert back.indices((1, 3)) == [5, 2] and back.indices((2, 0)) == [7, 1, 0]
+    assert torch.equal(back.value_fk[1], top.value_fk[1])

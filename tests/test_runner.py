@@ -383,3 +383,20 @@ def test_unchanged_chapter_is_not_executed_again_and_force_executes_it(tmp_path)
             args.append("--force")
         result = run(root, *args)
         assert result.returncode == 0 and "unchanged since" not in result.stdout, (change, result.stdout)
+
+
+def test_chapter_for_another_kind_of_profile_gets_a_page_saying_so(tmp_path):
+    """A chapter that needs a profile section the profile lacks (here [paper] under `tiny`) is not executed: its
+    page keeps the introduction and says why, and no figure or table is expected of it."""
+    root = make_book(tmp_path)
+    path = write_chapter(root, "01_paper_only", "# %%\nraise RuntimeError('must not run')\n", figures="never")
+    path.write_text(path.read_text().replace("#   book_outputs:", "#   book_requires: [paper]\n#   book_outputs:"))
+    write_toc(root, ["01_paper_only"])
+    done = run(root, "--profile", "tiny")
+    assert done.returncode == 0, done.stderr
+    page = nbformat.read(root / "book" / "notebooks" / "01_paper_only.ipynb", as_version=4)
+    text = "\n".join(c.source for c in page.cells)
+    assert "# 01_paper_only" in text and "Not run with profile `tiny`" in text and "[paper]" in text
+    assert not any(c.cell_type == "code" for c in page.cells)
+    checked = run(root, "--profile", "tiny", "--check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -401,3 +401,20 @@ def test_fvu_table_summarises_over_layers():
     row = table.loc[("text-only", "image")]
     assert math.isclose(row.fvu_mean, 0.4) and math.isclose(row.fvu_min, 0.2) and math.isclose(row.fvu_max, 0.6)
     assert math.isclose(row.fvu_std, math.sqrt(0.08)) and row.n_layers == 2 and row.n_tokens == 10
+
+
+def test_bank_from_saved_saes_encodes_like_each_sae(tmp_path):
+    """SAEBank.from_saes: a bank made of SAELens SAEs (as load_saes returns them) encodes as each SAE does."""
+    spec = SAESpec(d_in=12, d_sae=24, k=3)
+    made = SAEBank.create(spec, [0, 2], [RANDOM], seed=4)
+    saes = {"a": {0: made.sae(0, "random"), 2: made.sae(2, "random")}}
+    made.save_saes(tmp_path)
+    saes["b"] = load_saes(tmp_path, [0, 2], "random")
+    bank = SAEBank.from_saes(saes)
+    x_lnd = torch.randn(2, 7, 12)
+    enc = bank.encode(x_lnd)
+    for li, layer in enumerate([0, 2]):
+        for vi, name in enumerate(["a", "b"]):
+            z_ref = saes[name][layer].encode(x_lnd[li])
+            z = torch.zeros_like(z_ref).scatter_(1, enc.idx_lnvk[li, :, vi], enc.acts_lnvk[li, :, vi])
+            torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
