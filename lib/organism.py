@@ -459,7 +459,8 @@ def train_lm(cfg: LMConfig, tokenizer, seed: int = 0, progress: bool = True) -> 
     test = eval_samples(seed + 1, cfg.n_eval)
     curve, history, t0 = [], [], time.perf_counter()
     model.train()
-    for step in tqdm(range(cfg.steps), desc="base LM", disable=not progress):
+    bar = tqdm(range(cfg.steps), desc="base LM", disable=not progress, mininterval=5)
+    for step in bar:
         frac = cfg.single_object_frac if step < cfg.single_object_steps else cfg.single_object_frac / 5
         batch = lm_batch(tokenizer, _mix(seed, "lm-train", cfg.batch_size, frac, start=step * cfg.batch_size))
         logits_bsv = model(input_ids=batch.input_ids_bs, attention_mask=batch.attention_mask_bs).logits
@@ -471,6 +472,8 @@ def train_lm(cfg: LMConfig, tokenizer, seed: int = 0, progress: bool = True) -> 
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             acc = evaluate_lm(model, tokenizer, test)
             history.append((step + 1, dict(zip(acc.qtype, acc.accuracy.round(3), strict=True))))
+            if progress:
+                tqdm.write(f"held-out accuracy after {step + 1} steps: {history[-1][1]}")
             model.train()
     model.eval()
     return LMResult(model, evaluate_lm(model, tokenizer, test), history, curve)
@@ -548,7 +551,8 @@ def train_tower(cfg: TowerConfig, seed: int = 0, progress: bool = True) -> Tower
     sched = _schedule(opt, 50, cfg.steps)
     gen = torch.Generator().manual_seed(seed)
     curve, t0 = [], time.perf_counter()
-    for step in tqdm(range(cfg.steps), desc="vision tower", disable=not progress):
+    bar = tqdm(range(cfg.steps), desc="vision tower", disable=not progress, mininterval=5)
+    for step in bar:
         i_b = torch.randint(0, cfg.n_images, (cfg.batch_size,), generator=gen)
         loss, _ = _head_loss_acc(heads, _tower_features(tower, x_train[i_b], cfg.feature_layer), y_train[i_b])
         loss.backward()
@@ -659,7 +663,8 @@ def train_vlm(
     opt = torch.optim.AdamW(projector.parameters(), lr=cfg.stage1_lr, weight_decay=0.0)
     sched = _schedule(opt, cfg.warmup, max(cfg.stage1_steps, 1))
     curve1, t0 = [], time.perf_counter()
-    for step in tqdm(range(cfg.stage1_steps), desc="VLM stage 1", disable=not progress):
+    bar = tqdm(range(cfg.stage1_steps), desc="VLM stage 1", disable=not progress, mininterval=5)
+    for step in bar:
         idx_b = torch.randint(0, len(multi) + n_single, (cfg.batch_size,), generator=gen)
         loss = step_on(
             idx_b, lambda ss: [s.scene.caption() for s in ss], lambda ss: [CAPTION_PROMPT] * len(ss), (0.0, 1.0)
@@ -667,6 +672,8 @@ def train_vlm(
         loss.backward()
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         curve1.append((step, loss.item(), time.perf_counter() - t0))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
     # Stage 2: projector + LM on questions, answer-only loss, LM at the lower rate.
     lang.requires_grad_(True), vlm.lm_head.requires_grad_(True)
@@ -677,7 +684,8 @@ def train_vlm(
     )
     sched = _schedule(opt, cfg.warmup, max(cfg.stage2_steps, 1))
     curve2, history, t0 = [], [], time.perf_counter()
-    for step in tqdm(range(cfg.stage2_steps), desc="VLM stage 2", disable=not progress):
+    bar = tqdm(range(cfg.stage2_steps), desc="VLM stage 2", disable=not progress, mininterval=5)
+    for step in bar:
         if step < cfg.single_object_steps:
             idx_b = len(multi) + torch.randint(0, n_single, (cfg.batch_size,), generator=gen)
         else:
@@ -702,9 +710,13 @@ def train_vlm(
         torch.nn.utils.clip_grad_norm_([*projector.parameters(), *lm_params], 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         curve2.append((step, loss.item(), time.perf_counter() - t0))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.stage2_steps:
             acc = evaluate_vlm(vlm, tokenizer, test)
             history.append((step + 1, dict(zip(acc.qtype, acc.accuracy.round(3), strict=True))))
+            if progress:
+                tqdm.write(f"held-out accuracy after {step + 1} steps: {history[-1][1]}")
     vlm.eval()
     return VLMResult(
         vlm,
