@@ -1,6 +1,7 @@
 """Benchmark: our streaming TopK trainer (lib/sae.py) against SAELens' `SAETrainer`, on this CPU.
 
-Not a test. Both train the same TopK SAE (d_in 128, width 1024, k 32, 4096 tokens per step, Adam) on the same
+Not a test. Both train the same TopK SAE (the default profile's sizes: d_in 128, width 512 = 4 x d_model, k 16;
+4096 tokens per step, Adam, 400 steps) on the same
 synthetic activations in the same order: sparse combinations of a hidden dictionary of 2048 unit directions plus a
 mean offset and noise, so a TopK SAE can learn them. Steps of the two trainers alternate in blocks, so load from
 other processes on the shared cores hits both alike; the throughput is the median over blocks. Final FVU of each is
@@ -203,12 +204,12 @@ def bench_multi(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--dense-steps", type=int, default=20)
     p.add_argument("--block", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--k", type=int, default=16)
     p.add_argument("--lr-ours", type=float, default=8e-3)
     p.add_argument("--lr-saelens", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1)

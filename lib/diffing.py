@@ -209,10 +209,12 @@ def image_dependence(vlm, saes: dict, pairs, reference_images, batch_size: int =
     """Ground truth the organism allows: how much each feature's activation depends on the image CONTENT.
 
     Every pair runs twice: clean, and with every image embedding replaced by the mean image-token embedding of
-    `reference_images` (the corruption of chapter 6; the text is unchanged). Per feature, over every real token
-    but BOS: dependence = sum |z_clean - z_mean_image| / sum |z_clean| (0 for a feature that never fires). A
-    feature that reads what is in the image changes when the image is averaged away; one that reads the text, or
-    only the fact that image tokens are present, does not. `saes[layer]` are SAELens SAEs (one variant)."""
+    `reference_images` (the corruption of chapter 6; the text is unchanged). Per feature, over the post-image text
+    positions (the question after the image and the answer position: where the attribution metric reads a
+    feature): dependence = sum |z_clean - z_mean_image| / sum |z_clean| (0 for a feature that never fires there).
+    A feature whose activation on the text reflects what is in the image changes when the image is averaged away;
+    one that reads the words does not. On the image tokens themselves every input changes under the corruption, so
+    they would say nothing. `saes[layer]` are SAELens SAEs (one variant)."""
     from .adapter import capture, prepare, replace_image_embeddings
     from .attribution import mean_image_embedding
 
@@ -226,7 +228,7 @@ def image_dependence(vlm, saes: dict, pairs, reference_images, batch_size: int =
         clean = capture(vlm, batch, resid_layers=layers).resid
         with replace_image_embeddings(vlm, mean_d):
             corrupt = capture(vlm, batch, resid_layers=layers).resid
-        keep_bs = batch.keep_bs
+        keep_bs = batch.post_image_bs
         for layer in layers:
             name = f"blocks.{layer}.hook_resid_post"
             sae = saes[layer]

@@ -401,7 +401,11 @@ def adapted_saes(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs) -> Adap
     spec = SAESpec(any_sae.cfg.d_in, any_sae.cfg.d_sae, int(any_sae.cfg.k), bool(any_sae.cfg.apply_b_dec_to_input))
     deps = models_key(P, cache) + ([base.artifact] if base.artifact else [])
     settings_ = _analysis_settings(P, "sae")
-    checkpoint = cache.root / "checkpoints" / f"adapted-saes-{make_key('adapted-saes', 1, settings_, deps)[:16]}.pt"
+    # version 2: fresh variants no longer repeat the base SAEs' initial draw (lib.adaptation.FRESH_SEED_OFFSET)
+    version = 2
+    checkpoint = (
+        cache.root / "checkpoints" / f"adapted-saes-{make_key('adapted-saes', version, settings_, deps)[:16]}.pt"
+    )
 
     def build(out):
         res = adapt_saes(
@@ -424,7 +428,7 @@ def adapted_saes(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs) -> Adap
         return {"forwards_per_epoch": res.forwards_per_epoch}
 
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    art = cache.get("adapted-saes", settings_, build, deps=deps, version=1)
+    art = cache.get("adapted-saes", settings_, build, deps=deps, version=version)
     saes = {v.name: load_saes(art / "saes", layers, v.name) for v in ADAPTATION_VARIANTS}
     return Adapted(
         saes,
@@ -477,7 +481,7 @@ def feature_table(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs, adapte
         save_table(out / "features.parquet", table)
 
     settings_ = {**_analysis_settings(P, "sae"), "variant": P.diffing.variant}
-    art = cache.get("feature-table", settings_, build, deps=[adapted.artifact], version=1)
+    art = cache.get("feature-table", settings_, build, deps=[adapted.artifact], version=2)  # 2: post-image dependence
     return load_table(art / "features.parquet")
 
 

@@ -335,3 +335,17 @@ def test_plots_return_readable_figures(vlm, pairs, text_pairs, base_saes):
     for fig_ in (fig, fig2, fig3):
         assert fig_.get_figwidth() <= 9
         plt.close(fig_)
+
+
+def test_random_variant_does_not_start_from_the_base_init(vlm, pairs, text_pairs):
+    """Base SAEs and adaptation with the same seed: the `random` variant's starting dictionary must be independent
+    of the draw the base SAEs started from (it was the same draw once, which made `random` look half-aligned)."""
+    spec = SAESpec(D, F_, K)
+    init = SAEBank.create(spec, LAYERS, [AD.BASE], seed=0)  # what train_base_saes(seed=0) starts from
+    base = AD.saes_of(init)
+    res = AD.adapt_saes(vlm, base, pairs[:2], pairs[:2], spec, CFG, seed=0, batch_size=2)
+    li, vi = res.bank.index(LAYERS[0], "random")
+    start = init.W_dec[0, 0].detach()
+    adapted = res.bank.W_dec[li, vi].detach()
+    cos = torch.nn.functional.cosine_similarity(start, adapted, dim=1)
+    assert cos.abs().median() < 0.3, f"random variant follows the base init (median |cos| {cos.abs().median():.2f})"

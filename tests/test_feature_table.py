@@ -52,9 +52,9 @@ def test_image_dependence_matches_direct_computation():
 
     mean_d = mean_image_embedding(vlm, reference)
     batch = A.prepare(vlm, [p[0] for p in pairs], [p[1] for p in pairs])
-    clean = A.capture(vlm, batch, resid_layers=[1]).resid[A.resid_name(1)][batch.keep_bs]
+    clean = A.capture(vlm, batch, resid_layers=[1]).resid[A.resid_name(1)][batch.post_image_bs]
     with A.replace_image_embeddings(vlm, mean_d):
-        corrupt = A.capture(vlm, batch, resid_layers=[1]).resid[A.resid_name(1)][batch.keep_bs]
+        corrupt = A.capture(vlm, batch, resid_layers=[1]).resid[A.resid_name(1)][batch.post_image_bs]
     z, zc = saes[1].encode(clean).double(), saes[1].encode(corrupt).double()
     mass = z.abs().sum(0)
     expect = torch.where(mass > 0, (z - zc).abs().sum(0) / mass.clamp_min(1e-12), torch.zeros_like(mass))
