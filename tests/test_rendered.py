@@ -143,11 +143,19 @@ def _skip_or_fail(reason: str):
 
 def load(url: str, tmp_path: Path) -> PageReport:
     """Load `url` in a fresh headless Chromium and return the probe's report."""
-    cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"chromium exited {done.returncode} on {url}:\n{done.stderr[-2000:]}"
-    found = re.search(rf'<pre id="{REPORT_ID}"[^>]*>(.*?)</pre>', done.stdout, re.DOTALL)
-    assert found, f"{url}: the page never finished loading (no probe report in the DOM)"
+    # Headless Chromium's virtual clock now and then dumps the DOM before the load event has run (measured here: 0,
+    # 1 and 2 of the 8 pages in three runs of the same build; with this retry, 5 runs of 8 pages all passed). So a
+    # page without the probe's report is loaded again, up to 3 times, in a fresh profile; a report, once there, is
+    # taken as it is, errors and all.
+    for attempt in range(3):
+        profile = tmp_path / f"chromium-profile-{attempt}"
+        cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"chromium exited {done.returncode} on {url}:\n{done.stderr[-2000:]}"
+        found = re.search(rf'<pre id="{REPORT_ID}"[^>]*>(.*?)</pre>', done.stdout, re.DOTALL)
+        if found:
+            break
+    assert found, f"{url}: the page never finished loading in 3 attempts (no probe report in the DOM)"
     return PageReport(**json.loads(html.unescape(found.group(1))))
 
 
