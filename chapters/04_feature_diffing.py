@@ -79,10 +79,11 @@ print("least aligned base-initialised variant per layer:", based.idxmin().to_dic
 # The paper's Figure 5 analogue (median and interquartile band). The paper describes text-only staying aligned at
 # every depth, image-only and full rotating in the shallow layers and realigning later, and random near zero. The
 # organism agrees on `random` (its decoder never was the base one, and its median cosine is the printed row near
-# zero) and disagrees on the order of the others: the two printed lines name the most and the least aligned
-# base-initialised variant at each layer, and in this build image-only stays the most aligned while full rotates
-# most. All three stay close to 1: one pass over 4,000 pairs at lr 2e-4 moves a decoder row little, and the
-# organism's four layers leave no separate shallow and late regime to compare.
+# zero). For the others, the two printed lines name the most and the least aligned base-initialised variant at
+# each layer: the paper's picture would have text-only the most aligned everywhere and image-only among the least
+# aligned in the shallow layers; compare it with those lines. The medians show how far any of them moves from 1
+# in one pass over the adaptation pairs at lr 2e-4; the organism's four layers leave no separate shallow and
+# late regime to compare.
 
 # %%
 out.figure(DF.plot_cosine_histograms(tv, cos_max), "cosine_histograms")

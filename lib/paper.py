@@ -597,29 +597,12 @@ def is_spatial_question(question: str) -> bool:
     return SPATIAL_PATTERN.search(question) is not None
 
 
-class _Rows(Sequence):
-    """(image, text) pairs read lazily from dataset rows."""
-
-    def __init__(self, n: int, get):
-        self.n, self.get = n, get
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.get(j) for j in range(*i.indices(self.n))]
-        if not -self.n <= i < self.n:
-            raise IndexError(i)
-        return self.get(i % self.n)
-
-
 def paper_data(P):
     """`lib.pipeline.Data` for the paper profile: VQAv2 rows for adaptation and held-out metrics, COCO captions for
     the text-only stream, the first `n_spatial_questions` spatial and as many general VQAv2 questions (adaptation
     rows, keyword regex above) for probing, VSR as the statement benchmark. No ground truth, no control task."""
     from .attribution import Statement
-    from .pipeline import Data
+    from .pipeline import Data, LazyPairs
     from .probing import SampleSet
 
     cfg = P.paper
@@ -627,7 +610,7 @@ def paper_data(P):
     vqa = load_vqav2(name, columns=(*VQA_PROBING_COLUMNS, "image_id"), split=cfg.vqa_split)
     adapt = _rows(vqa, range(*cfg.adapt_rows), name)
     heldout = _rows(vqa, range(*cfg.heldout_rows), name)
-    pairs = lambda ds: _Rows(len(ds), lambda i: (ds[i]["image"], ds[i]["question"]))  # noqa: E731
+    pairs = lambda ds: LazyPairs(len(ds), lambda i: (ds[i]["image"], ds[i]["question"]))  # noqa: E731
     captions = load_coco_captions(cfg.coco_captions)
     caps, questions = text_stream_pairs(heldout, captions, name)
     questions_all = adapt["question"]
@@ -646,7 +629,7 @@ def paper_data(P):
         heldout=pairs(heldout),
         text=None,
         heldout_text=list(zip(caps, questions, strict=True)),
-        probe=SampleSet(_Rows(len(probe_rows), lambda i: probe_rows[i]["image"]), list(probe_rows["question"])),
+        probe=SampleSet(LazyPairs(len(probe_rows), lambda i: probe_rows[i]["image"]), list(probe_rows["question"])),
         probe_spatial=np.array([is_spatial_question(q) for q in probe_rows["question"]]),
         ground_truth=None,
         statements=statements,

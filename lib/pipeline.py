@@ -209,8 +209,9 @@ def models_key(P: Profile, cache: Cache) -> list[Artifact]:
     return [a["lm"], a["tower"], vlm(P, cache, a["lm"], a["tower"])]
 
 
-class _Pairs(Sequence):
-    """(image, text) pairs read lazily: world scenes rendered when indexed, or dataset rows."""
+class LazyPairs(Sequence):
+    """A sequence read lazily by index (e.g. (image, text) pairs of world scenes rendered when indexed, or of
+    dataset rows)."""
 
     def __init__(self, n: int, get):
         self.n, self.get = n, get
@@ -226,8 +227,8 @@ class _Pairs(Sequence):
         return self.get(i % self.n)
 
 
-def world_pairs(samples: list[W.Sample]) -> _Pairs:
-    return _Pairs(len(samples), lambda i: (samples[i].scene.render(), samples[i].question))
+def world_pairs(samples: list[W.Sample]) -> LazyPairs:
+    return LazyPairs(len(samples), lambda i: (samples[i].scene.render(), samples[i].question))
 
 
 class Data(NamedTuple):
@@ -267,7 +268,7 @@ def data(P: Profile) -> Data:
         "statements": mk("bench", P.attribution.n_statements, ("statement",)),
         "controls": mk("control", P.attribution.n_controls, ("color", "shape")),
     }
-    text_pairs = lambda ss: _Pairs(len(ss), lambda i: (ss[i].scene.caption(), ss[i].question))  # noqa: E731
+    text_pairs = lambda ss: LazyPairs(len(ss), lambda i: (ss[i].scene.caption(), ss[i].question))  # noqa: E731
     return Data(
         adapt=world_pairs(samples["adapt"]),
         heldout=world_pairs(samples["heldout"]),
@@ -623,8 +624,10 @@ def features_of(adapted: Adapted, variant: str, keys) -> list:
     """lib.attribution.Feature for each (layer, feature): the decoder row of the adapted SAE (layer 0 has no head
     below it and is left out)."""
     from .attribution import Feature
+    from .probing import feature_keys
 
     saes = adapted.saes[variant]
+    keys = feature_keys(keys)
     return [
         Feature(int(layer), saes[int(layer)].W_dec[int(f)].detach().float(), f"L{int(layer)}F{int(f)}")
         for layer, f in keys
@@ -655,7 +658,7 @@ def head_scores(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, final:
     from . import attribution as AT
     from .adapter import iter_batches
 
-    feats = features_of(adapted, P.diffing.variant, _keys(final))
+    feats = features_of(adapted, P.diffing.variant, final)
     A_ = P.attribution
     items = D.statements[: A_.n_samples]
     images, questions = [s.image for s in items], [s.question for s in items]
@@ -710,10 +713,6 @@ def head_scores(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, final:
     return HeadScores(table, {**load_json(art / "info.json"), "resid": load_table(art / "resid.parquet")})
 
 
-def _keys(final: pd.DataFrame) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in zip(final["layer"], final["feature"], strict=True)]
-
-
 def answer_words(P: Profile) -> tuple[str, str]:
     return ("Yes", "No") if P.paper is not None else ("yes", "no")
 
@@ -726,7 +725,7 @@ def causal_table(
     from .adapter import iter_batches
 
     A_ = P.attribution
-    feats = features_of(adapted, P.diffing.variant, _keys(final))
+    feats = features_of(adapted, P.diffing.variant, final)
     random_feats = features_of(adapted, P.diffing.variant, random_keys)
     yes, no = answer_words(P)
 

@@ -6,25 +6,11 @@ cache is a fresh one shared by the chapters of this run, so later chapters reuse
 nothing from a previous run hides a broken step.
 """
 
-import os
-
 import pytest
 
 from lib.runner import REPO_ROOT, check_outputs, run_chapter, toc_chapters
 
 CHAPTERS = toc_chapters(REPO_ROOT)
-
-
-@pytest.fixture(scope="module")
-def fresh_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    saved = os.environ.get("SPATIAL_CACHE")
-    os.environ["SPATIAL_CACHE"] = str(path)  # the kernels inherit the environment
-    yield path
-    if saved is None:
-        os.environ.pop("SPATIAL_CACHE")
-    else:
-        os.environ["SPATIAL_CACHE"] = saved
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])

@@ -5,7 +5,6 @@ columns. The profile file is the real `paper.toml` with its identifiers replaced
 shrunk, so nothing but paths and sizes differs from a run on the real models.
 """
 
-import os
 import tomllib
 
 import fakes
@@ -71,18 +70,6 @@ def paper_profile(tmp_path_factory):
     path = root / "paper-fake.toml"
     path.write_text(_toml(real))
     return path
-
-
-@pytest.fixture(scope="module")
-def fresh_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    saved = os.environ.get("SPATIAL_CACHE")
-    os.environ["SPATIAL_CACHE"] = str(path)
-    yield path
-    if saved is None:
-        os.environ.pop("SPATIAL_CACHE")
-    else:
-        os.environ["SPATIAL_CACHE"] = saved
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
