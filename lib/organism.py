@@ -132,7 +132,8 @@ class TowerConfig:
 
 @dataclass(frozen=True)
 class VLMConfig:
-    n_scenes: int = 20000  # training scenes (features cached once); single-object scenes are a quarter more
+    # Every step draws fresh scenes (as the LM's corpus does): a fixed pool of 20,000 scenes was memorised (training
+    # loss 0.017 while held-out statements fell from 0.75 to 0.67 over the last 3,000 steps).
     stage1_steps: int = 600
     stage1_lr: float = 2e-3
     stage2_steps: int = 3000
@@ -154,7 +155,7 @@ class VLMConfig:
     def __post_init__(self):
         _check(0 <= self.caption_frac < 1, self, "caption_frac must lie in [0, 1)")
         _check(self.lm_lr <= self.projector_lr, self, "lm_lr must not exceed projector_lr (LLaVA's recipe)")
-        _check(min(self.n_scenes, self.batch_size, self.n_eval) > 0, self, "n_scenes, batch_size, n_eval > 0")
+        _check(min(self.batch_size, self.n_eval) > 0, self, "batch_size, n_eval > 0")
         _check(self.stage1_steps >= 0 and self.stage2_steps >= 0, self, "stage steps must be >= 0")
         _check(0 <= self.single_object_frac <= 1, self, "single_object_frac must lie in [0, 1]")
 
@@ -192,7 +193,6 @@ TINY = OrganismConfig(
     ),
     tower=TowerConfig(hidden=32, n_layers=2, n_heads=2, d_mlp=64, n_images=64, steps=10, batch_size=16, n_eval=32),
     vlm=VLMConfig(
-        n_scenes=64,
         stage1_steps=5,
         stage2_steps=10,
         batch_size=16,
@@ -643,19 +643,24 @@ def train_vlm(
     vlm = make_vlm(lm, tower, tokenizer, tower_cfg, seed)
     vlm.model.vision_tower.requires_grad_(False).eval()
     projector, lang = vlm.model.multi_modal_projector, vlm.model.language_model
-    n_single = cfg.n_scenes // 4
-    multi = world.make_samples(seed, "vlm-train", cfg.n_scenes)
-    single = world.make_samples(seed, "vlm-train-single", n_single, qtypes=NON_RELATIONAL, n_objects=(1,))
-    pool = multi + single
-    feats_bph = image_features(vlm, pool)  # the frozen tower runs once per scene
     test = eval_samples(seed + 1, cfg.n_eval)
-    gen = torch.Generator().manual_seed(seed)
     n_img = vlm.config.image_seq_length
+    drawn = dict.fromkeys(("caption", "multi", "single"), 0)  # samples drawn so far from each training stream
 
-    def step_on(idx_b, answers, questions, weights, per_sample=False):
-        samples = [pool[i] for i in idx_b.tolist()]
+    def draw(stream: str, n: int) -> list[world.Sample]:
+        """The next `n` fresh samples of a stream: no scene is seen twice, so nothing can be memorised."""
+        split, kw = {
+            "caption": ("vlm-caption", dict(qtypes=("count",), n_objects=(1, 2, 3))),
+            "multi": ("vlm-train", {}),
+            "single": ("vlm-train-single", dict(qtypes=NON_RELATIONAL, n_objects=(1,))),
+        }[stream]
+        out = world.make_samples(seed, split, n, start=drawn[stream], **kw)
+        drawn[stream] += n
+        return out
+
+    def step_on(samples, answers, questions, weights, per_sample=False):
         batch = encode(tokenizer, [vlm_text(q, n_img) for q in questions(samples)], answers(samples))
-        logits = vlm_forward(vlm, batch, projector(feats_bph[idx_b])).logits
+        logits = vlm_forward(vlm, batch, projector(image_features(vlm, samples))).logits
         return _weighted_ce(logits, batch, *weights, per_sample=per_sample)
 
     # Stage 1: projector only, captions (answer-only loss on the caption words + <eos>).
@@ -665,9 +670,11 @@ def train_vlm(
     curve1, t0 = [], time.perf_counter()
     bar = tqdm(range(cfg.stage1_steps), desc="VLM stage 1", disable=not progress, mininterval=5)
     for step in bar:
-        idx_b = torch.randint(0, len(multi) + n_single, (cfg.batch_size,), generator=gen)
         loss = step_on(
-            idx_b, lambda ss: [s.scene.caption() for s in ss], lambda ss: [CAPTION_PROMPT] * len(ss), (0.0, 1.0)
+            draw("caption", cfg.batch_size),
+            lambda ss: [s.scene.caption() for s in ss],
+            lambda ss: [CAPTION_PROMPT] * len(ss),
+            (0.0, 1.0),
         )
         loss.backward()
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -687,20 +694,15 @@ def train_vlm(
     bar = tqdm(range(cfg.stage2_steps), desc="VLM stage 2", disable=not progress, mininterval=5)
     for step in bar:
         if step < cfg.single_object_steps:
-            idx_b = len(multi) + torch.randint(0, n_single, (cfg.batch_size,), generator=gen)
+            samples = draw("single", cfg.batch_size)
         else:
             n1 = round(cfg.single_object_frac * cfg.batch_size)
-            idx_b = torch.cat(
-                [
-                    torch.randint(0, len(multi), (cfg.batch_size - n1,), generator=gen),
-                    len(multi) + torch.randint(0, n_single, (n1,), generator=gen),
-                ]
-            )
+            samples = draw("multi", cfg.batch_size - n1) + draw("single", n1)
         vlm.train(), vlm.model.vision_tower.eval()
         n_cap = round(cfg.caption_frac * cfg.batch_size) if step >= cfg.single_object_steps else 0
-        is_cap = [i < n_cap for i in range(len(idx_b))]  # the first n_cap samples of the batch describe the image
+        is_cap = [i < n_cap for i in range(len(samples))]  # the first n_cap samples of the batch describe the image
         loss = step_on(
-            idx_b,
+            samples,
             lambda ss, is_cap=is_cap: [s.scene.caption() if c else s.answer for s, c in zip(ss, is_cap, strict=True)],
             lambda ss, is_cap=is_cap: [CAPTION_PROMPT if c else s.question for s, c in zip(ss, is_cap, strict=True)],
             (0.0, 1.0),

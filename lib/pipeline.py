@@ -149,7 +149,7 @@ def vlm(P: Profile, cache: Cache, lm_art: Artifact | None = None, tower_art: Art
         save_table(out / "accuracy_mean_image.parquet", res.accuracy_mean_image)
         return {"history": res.history, "curve_stage1": res.curve_stage1, "curve_stage2": res.curve_stage2}
 
-    return cache.get("vlm", settings_, build, deps=[lm_art, tower_art], version=2)
+    return cache.get("vlm", settings_, build, deps=[lm_art, tower_art], version=3)  # 3: fresh scenes every step
 
 
 def organism(P: Profile, cache: Cache) -> OrganismModels:
