@@ -208,6 +208,6 @@ z_ref = reloaded.encode(batch.x_lnd[li])
 z_ours = torch.zeros_like(z_ref).scatter_(1, ours.idx_lnvk[li, :, vi], ours.acts_lnvk[li, :, vi])
 print(
     f"{path.relative_to(cache.root)}: hook {reloaded.cfg.metadata.hook_name}, "
-    f"max |z_ours - z_saelens| = {float((z_ours - z_ref).abs().max()):.2e}"
+    f"max |z_ours - z_saelens| = {float((z_ours - z_ref).detach().abs().max()):.2e}"
 )
 assert torch.allclose(z_ours, z_ref, atol=1e-4), "the reloaded SAE encodes differently"

@@ -380,8 +380,8 @@ print("\n".join(lines))
 # %% [markdown]
 # Read against the paper: the adaptation claims (text-only beats the base SAE on the VLM's text tokens; random
 # initialisation lags) can be checked line by line above. The spatial claims depend on a VLM that has learned
-# spatial relations: the organism of this build answers relational questions well above chance but below the
-# targets its chapter sets (chapter 2), and the ground-truth check of chapter 5 says how far its final features are
+# spatial relations: the organism of this build answers relational questions well above chance (chapter 2 prints
+# which of its accuracy targets it misses), and the ground-truth check of chapter 5 says how far its final features are
 # from encoding the true relation. The attribution is validated (ρ above), but the ablation decides whether the top
 # heads are *specific*: a drop under top-head ablation that random heads from the same layers also cause, or that
 # the control task suffers too, means the heads are needed for reading the image at all, not for space.
