@@ -138,7 +138,7 @@ def main() -> None:
 
     print(f"\n{'method':<36}{'median s':>10}{'speed-up of attribution':>26}{'ideal':>9}")
     print(f"{'attribution (clean gradient)':<36}{med['attribution']:>10.3f}{'':>26}{'':>9}")
-    ideal = {"per head": n_heads_total / 4, "per head and position": n_heads_total * n_positions / 4}
+    ideal = T.ideal_speedups(n_heads_total, n_positions)
     for k in ("per head", "per head and position"):
         print(f"{'exhaustive ' + k:<36}{med[k]:>10.3f}{med[k] / med['attribution']:>25.1f}x{ideal[k]:>8.1f}x")
     print(

@@ -183,6 +183,20 @@ def _vjp(m_f: Tensor, inputs: list[Tensor], stacked: bool) -> list[list[Tensor]]
     return [list(torch.autograd.grad(m, inputs, retain_graph=True, **kw)) for m in m_f]
 
 
+# What one attribution pass costs, in forward passes: a clean and a corrupted forward and one backward (counted as
+# two), whatever the number of heads. Exhaustive patching costs one forward per head (or per head and position).
+ATTRIBUTION_FORWARDS = 4
+
+
+def ideal_speedups(n_heads: int, n_positions: int) -> dict[str, float]:
+    """Speed-up of attribution over exhaustive patching if every pass cost the same: per head, per head and
+    position (the bar the chapter and `bench/bench_attribution.py` compare their timings with)."""
+    return {
+        "per head": n_heads / ATTRIBUTION_FORWARDS,
+        "per head and position": n_heads * n_positions / ATTRIBUTION_FORWARDS,
+    }
+
+
 def attribute(
     vlm: VLM,
     batch: Batch,
