@@ -414,6 +414,34 @@ def accuracy_table(samples: list[world.Sample], correct_b: torch.Tensor) -> pd.D
     return pd.DataFrame(rows).sort_values("qtype", key=lambda c: c.map(order)).reset_index(drop=True)
 
 
+@torch.no_grad()
+def colour_by_place(model: LlamaForCausalLM, tokenizer, samples: list[world.Sample]) -> pd.DataFrame:
+    """Colour questions answered from captions, by the place of the asked shape in its caption (1 = described
+    first): the share answered right, and the share answered with another described object's colour. A model
+    that binds each colour to its shape scores alike at every place; one that answers by place does not."""
+    assert all(s.qtype == "color" for s in samples), "colour questions only"
+    model.eval()
+    batch = lm_batch(tokenizer, samples)
+    logits_bsv = model(input_ids=batch.input_ids_bs, attention_mask=batch.attention_mask_bs).logits
+    first_b = batch.answer_mask_bs.int().argmax(-1)  # first answer token; a colour is one word
+    pred = tokenizer.convert_ids_to_tokens(logits_bsv[torch.arange(len(samples)), first_b - 1].argmax(-1).tolist())
+    df = pd.DataFrame(
+        {
+            "n_objects": [len(s.scene.objects) for s in samples],
+            "place": [1 + [o.shape for o in s.scene.objects].index(s.subject) for s in samples],
+            "correct": [p == s.answer for p, s in zip(pred, samples, strict=True)],
+            "other_object": [
+                p != s.answer and p in {o.color for o in s.scene.objects} for p, s in zip(pred, samples, strict=True)
+            ],
+        }
+    )
+    return (
+        df.groupby(["n_objects", "place"])
+        .agg(n=("correct", "size"), correct=("correct", "mean"), other_object=("other_object", "mean"))
+        .reset_index()
+    )
+
+
 def _mix(seed: int, split: str, n: int, single_frac: float, start: int) -> list[world.Sample]:
     """`n` samples: all question types on 2-3 objects, plus a `single_frac` share of one-object scenes
     (non-relational types only: a relation needs two objects)."""

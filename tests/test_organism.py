@@ -117,3 +117,23 @@ def test_save_load_round_trip(tiny, tmp_path):
     torch.testing.assert_close(back.vlm(**kw).logits, tiny.vlm(**kw).logits)
     with pytest.raises(FileNotFoundError, match="not a saved organism"):
         O.load_organism(tmp_path / "nowhere")
+
+
+def test_colour_by_place_reads_the_answer_position(tok):
+    """A stand-in LM that always names the first-described object's colour: right exactly at place 1, and every
+    miss names another described object's colour."""
+    samples = world.make_samples(0, "colour-by-place", 48, qtypes=("color",), n_objects=(2, 3))
+    first = torch.tensor(tok.convert_tokens_to_ids([s.scene.objects[0].color for s in samples]))
+
+    class FirstColour(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            logits_bsv = torch.zeros(*input_ids.shape, len(tok))
+            logits_bsv[torch.arange(len(first)), :, first] = 1.0
+            return type("Out", (), {"logits": logits_bsv})
+
+    table = O.colour_by_place(FirstColour(), tok, samples).set_index(["n_objects", "place"])
+    assert table.n.sum() == len(samples)
+    assert set(table.index) == {(2, 1), (2, 2), (3, 1), (3, 2), (3, 3)}
+    assert (table.loc[(slice(None), 1), "correct"] == 1.0).all()
+    later = table.drop(index=1, level="place")
+    assert (later.correct == 0.0).all() and (later.other_object == 1.0).all()
