@@ -146,9 +146,10 @@ out.figure(fig, "training_curves")
 # %% [markdown]
 # Grey: loss per step; blue: running mean over 25 steps. The base LM's, the tower's and stage 1's losses flatten
 # before their last step; stage 1 does not reach zero, since the frozen LM can read only so much through the
-# projector alone. Stage 2's loss is still falling slowly at its last step: every stage-2 batch is fresh scenes (an
-# earlier organism trained on a fixed pool of 20,000 scenes drove this loss to 0.017 by memorising them while its
-# held-out statement accuracy fell), so it tracks held-out error, and a longer stage 2 would likely lower it further.
+# projector alone. Stage 2's loss falls slowly for most of its run and levels off as the learning rate decays:
+# every stage-2 batch is fresh scenes (an earlier organism trained on a fixed pool of 20,000 scenes drove this loss
+# to 0.017 by memorising them while its held-out statement accuracy fell), so it tracks held-out error; the next
+# figure shows held-out accuracy flattening the same way.
 
 # %%
 families = list(dict.fromkeys(W.QTYPES.values()))
