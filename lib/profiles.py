@@ -59,6 +59,11 @@ class WorldConfig(Section):
         lambda v: isinstance(v, int) and 9 <= v <= 1_000_000,
         "an integer in [9, 1000000] (samples per split checked against ground truth)",
     )
+    n_heldout: int = _f(
+        900,
+        lambda v: isinstance(v, int) and 9 <= v <= 1_000_000,
+        "an integer in [9, 1000000] (held-out samples on which chapter 2 scores the organism)",
+    )
 
     def __post_init__(self):
         super().__post_init__()

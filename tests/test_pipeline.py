@@ -44,6 +44,27 @@ def test_organism_is_deterministic_across_caches(tmp_path):
         assert torch.equal(x, y)
 
 
+def test_heldout_accuracy_scores_the_extended_split_and_follows_the_models(tmp_path):
+    from lib import organism as O
+
+    logs = []
+    cache = Cache(tmp_path, log=logs.append)
+    P = load_profile("tiny")
+    m = pipeline.organism(P, cache)
+    table = pipeline.heldout_accuracy(P, cache, m)
+    samples = O.eval_samples(P.seed + 1, P.world.n_heldout)
+    assert table.n.sum() == P.world.n_heldout == len(samples)
+    lm = O.evaluate_lm(m.lm, m.tokenizer, samples).set_index("qtype").accuracy
+    assert (table.set_index("qtype").lm_text == lm).all()
+    mean = O.evaluate_vlm(m.vlm, m.tokenizer, samples, corrupt="mean_image").set_index("qtype").accuracy
+    assert (table.set_index("qtype").vlm_mean_image == mean).all()
+    # retrained models (a changed VLM setting) are scored anew, not read from the cache
+    logs.clear()
+    P2 = replace(P, vlm=replace(P.vlm, stage2_steps=P.vlm.stage2_steps + 2))
+    pipeline.heldout_accuracy(P2, cache, pipeline.organism(P2, cache))
+    assert ("computed", "heldout_accuracy") in _events(logs)
+
+
 def test_export_then_verify_reproduces_the_organism_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setenv("SPATIAL_CACHE", str(tmp_path / "cache"))
     store = tmp_path / "artifacts"
