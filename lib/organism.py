@@ -589,7 +589,14 @@ def train_tower(cfg: TowerConfig, seed: int = 0, progress: bool = True) -> Tower
     tower.eval().requires_grad_(False)
     with torch.no_grad():
         x_test = pixel_values_from_images(np.stack([s.scene.render() for s in test]))
-        _, acc = _head_loss_acc(heads, _tower_features(tower, x_test, cfg.feature_layer), patch_labels(test, cfg.patch))
+        feat_bph, lab_bkp = _tower_features(tower, x_test, cfg.feature_layer), patch_labels(test, cfg.patch)
+        _, acc = _head_loss_acc(heads, feat_bph, lab_bkp)
+        # Most patches are background, which every head finds easily: an all-patch shape accuracy of 0.975 was 0.89
+        # on the patches under an object, the bound on what the VLM can answer about shape.
+        obj_bp = lab_bkp[:, 0] > 0
+        for k, name in enumerate(list(heads)[:4]):
+            hit_bp = heads[name](feat_bph).argmax(-1) == lab_bkp[:, k]
+            acc[f"{name}_on_objects"] = hit_bp[obj_bp].float().mean().item()
     return TowerResult(tower, heads, acc, curve)
 
 
