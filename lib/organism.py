@@ -666,6 +666,25 @@ class VLMResult(NamedTuple):
     curve_stage2: Curve
 
 
+def _save_vlm_checkpoint(path: str | Path, **state) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a run killed while writing leaves the previous checkpoint intact
+
+
+def _load_vlm_checkpoint(path: str | Path, identity: dict) -> dict | None:
+    if not Path(path).exists():
+        return None
+    state = torch.load(path, weights_only=True)
+    if json.loads(json.dumps(state["identity"])) != json.loads(json.dumps(identity)):
+        raise ValueError(
+            f"checkpoint {path} was written for other settings ({state['identity']} vs {identity}); delete it or "
+            "use the settings it was written with"
+        )
+    return state
+
+
 def train_vlm(
     cfg: VLMConfig,
     lm: LlamaForCausalLM,
@@ -674,7 +693,11 @@ def train_vlm(
     tokenizer,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> VLMResult:
+    """LLaVA's two stages (see the module docstring). With `checkpoint`, the whole training state is written
+    there at every held-out evaluation of stage 2, and a run that finds the file resumes from it: a killed run
+    restarted with the same arguments ends with the same weights, bit for bit (stage 2 is hours on a CPU)."""
     vlm = make_vlm(lm, tower, tokenizer, tower_cfg, seed)
     vlm.model.vision_tower.requires_grad_(False).eval()
     projector, lang = vlm.model.multi_modal_projector, vlm.model.language_model
@@ -698,12 +721,22 @@ def train_vlm(
         logits = vlm_forward(vlm, batch, projector(image_features(vlm, samples))).logits
         return _weighted_ce(logits, batch, *weights, per_sample=per_sample)
 
+    identity = {"config": asdict(cfg), "tower": asdict(tower_cfg), "seed": seed}
+    state = _load_vlm_checkpoint(checkpoint, identity) if checkpoint is not None else None
+    if state is not None:
+        missing, unexpected = vlm.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if ".vision_tower." not in k]  # the frozen tower is not in the checkpoint
+        assert not missing and not unexpected, f"checkpoint {checkpoint}: weights {missing[:3]} {unexpected[:3]}"
+        drawn.update(state["drawn"])
+        if progress:
+            tqdm.write(f"VLM: resuming stage 2 at step {state['step']} from {checkpoint}")
+
     # Stage 1: projector only, captions (answer-only loss on the caption words + <eos>).
     lang.requires_grad_(False), vlm.lm_head.requires_grad_(False)
     opt = torch.optim.AdamW(projector.parameters(), lr=cfg.stage1_lr, weight_decay=0.0)
     sched = _schedule(opt, cfg.warmup, max(cfg.stage1_steps, 1))
-    curve1, t0 = [], time.perf_counter()
-    bar = tqdm(range(cfg.stage1_steps), desc="VLM stage 1", disable=not progress, mininterval=5)
+    curve1, t0 = ([], time.perf_counter()) if state is None else (state["curve1"], None)
+    bar = tqdm(range(cfg.stage1_steps if state is None else 0), desc="VLM stage 1", disable=not progress, mininterval=5)
     for step in bar:
         loss = step_on(
             draw("caption", cfg.batch_size),
@@ -725,8 +758,20 @@ def train_vlm(
         weight_decay=0.0,
     )
     sched = _schedule(opt, cfg.warmup, max(cfg.stage2_steps, 1))
-    curve2, history, t0 = [], [], time.perf_counter()
-    bar = tqdm(range(cfg.stage2_steps), desc="VLM stage 2", disable=not progress, mininterval=5)
+    curve2, history, start = [], [], 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        curve2, history, start = state["curve2"], state["history"], state["step"]
+    t0 = time.perf_counter() - (curve2[-1][2] if curve2 else 0.0)  # wall times run on across a resume
+    bar = tqdm(
+        range(start, cfg.stage2_steps),
+        initial=start,
+        total=cfg.stage2_steps,
+        desc="VLM stage 2",
+        disable=not progress,
+        mininterval=5,
+    )
     for step in bar:
         if step < cfg.single_object_steps:
             samples = draw("single", cfg.batch_size)
@@ -754,6 +799,20 @@ def train_vlm(
             history.append((step + 1, dict(zip(acc.qtype, acc.accuracy.round(3), strict=True))))
             if progress:
                 tqdm.write(f"held-out accuracy after {step + 1} steps: {history[-1][1]}")
+            if checkpoint is not None and step + 1 < cfg.stage2_steps:
+                _save_vlm_checkpoint(
+                    checkpoint,
+                    identity=identity,
+                    step=step + 1,
+                    model={k: v for k, v in vlm.state_dict().items() if ".vision_tower." not in k},
+                    optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict(),
+                    rng=torch.get_rng_state(),
+                    drawn=dict(drawn),
+                    curve1=curve1,
+                    curve2=curve2,
+                    history=history,
+                )
     vlm.eval()
     return VLMResult(
         vlm,

@@ -137,19 +137,24 @@ def vlm(P: Profile, cache: Cache, lm_art: Artifact | None = None, tower_art: Art
     lm_art = lm_art or base_lm(P, cache)
     tower_art = tower_art or vision_tower(P, cache)
     settings_ = {**_organism_settings(P, "vlm"), "tower": settings(P.tower)}  # the VLM reads the tower's layout
+    version = 3  # 3: fresh scenes every step
+    # Resumable: a killed build restarts from its checkpoint in the cache directory (stage 2 is hours on a CPU).
+    checkpoint = cache.root / "checkpoints" / f"vlm-{make_key('vlm', version, settings_, [lm_art, tower_art])[:16]}.pt"
 
     def build(out):
         torch.set_num_threads(P.threads)
         tokenizer = AutoTokenizer.from_pretrained(lm_art / "model")
         lm = LlamaForCausalLM.from_pretrained(lm_art / "model")
         tower = CLIPVisionModel.from_pretrained(tower_art / "model")
-        res = O.train_vlm(P.vlm, lm, tower, P.tower, tokenizer, P.seed)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        res = O.train_vlm(P.vlm, lm, tower, P.tower, tokenizer, P.seed, checkpoint=checkpoint)
         _save_model(out, res.model, tokenizer)
         save_table(out / "accuracy.parquet", res.accuracy)
         save_table(out / "accuracy_mean_image.parquet", res.accuracy_mean_image)
+        checkpoint.unlink(missing_ok=True)
         return {"history": res.history, "curve_stage1": res.curve_stage1, "curve_stage2": res.curve_stage2}
 
-    return cache.get("vlm", settings_, build, deps=[lm_art, tower_art], version=3)  # 3: fresh scenes every step
+    return cache.get("vlm", settings_, build, deps=[lm_art, tower_art], version=version)
 
 
 def organism(P: Profile, cache: Cache) -> OrganismModels:

@@ -108,6 +108,42 @@ def test_tiny_training_is_deterministic(tiny):
     assert not torch.equal(other.lm_head.weight, tiny.lm.lm_head.weight), "the seed must matter"
 
 
+def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
+    """Stage 2 killed after its first checkpoint and restarted with the same arguments ends with the weights and
+    history of an uninterrupted run; a checkpoint written for other settings is refused."""
+    from dataclasses import replace
+
+    cfg = replace(O.TINY.vlm, stage2_steps=9, eval_every=3)
+    lm = O.train_lm(O.TINY.lm, tok, 0, progress=False).model
+    tower = O.train_tower(O.TINY.tower, 0, progress=False).model
+    ref = O.train_vlm(cfg, lm, tower, O.TINY.tower, tok, 0, progress=False)
+
+    evaluate, calls = O.evaluate_vlm, []
+
+    def killed_at_second_evaluation(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kw)
+
+    ckpt = tmp_path / "vlm.pt"
+    monkeypatch.setattr(O, "evaluate_vlm", killed_at_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        O.train_vlm(cfg, lm, tower, O.TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    counted = []
+    monkeypatch.setattr(O, "evaluate_vlm", lambda *a, **kw: counted.append(1) or evaluate(*a, **kw))
+    resumed = O.train_vlm(cfg, lm, tower, O.TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
+    assert len(counted) == 4, "a resumed run evaluates at steps 6 and 9 and twice at the end (a restart: 5 times)"
+    monkeypatch.setattr(O, "evaluate_vlm", evaluate)
+    a, b = ref.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert resumed.history == ref.history
+    assert [c[:2] for c in resumed.curve_stage2] == [c[:2] for c in ref.curve_stage2]
+    with pytest.raises(ValueError, match="other settings"):
+        O.train_vlm(replace(cfg, lm_lr=cfg.lm_lr / 2), lm, tower, O.TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
+
+
 def test_save_load_round_trip(tiny, tmp_path):
     O.save_organism(tiny, tmp_path)
     back = O.load_organism(tmp_path)

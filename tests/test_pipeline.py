@@ -19,6 +19,7 @@ def test_organism_steps_retrain_only_what_a_changed_setting_touches(tmp_path):
     P = load_profile("tiny")
     org = pipeline.organism(P, cache)
     assert {("computed", "lm"), ("computed", "tower"), ("computed", "vlm")} <= _events(logs)
+    assert not list(tmp_path.glob("checkpoints/vlm-*")), "a finished VLM build removes its checkpoint"
 
     logs.clear()
     again = pipeline.organism(P, cache)
