@@ -803,13 +803,14 @@ ORGANISM_STEPS = ("lm", "tower", "vlm")
 def export_organism(profile: str, store: Path, verify: bool = False) -> int:
     """Train (or reuse from the local cache) the organism of `profile` and copy its three artifacts into `store`
     with a PROVENANCE.json (command, seed, threads, code commit, versions, checksums). With `verify`, retrain from
-    scratch in a temporary cache instead and compare every file's checksum with the committed artifacts."""
+    scratch in a cache of its own instead and compare every file's checksum with the committed artifacts. Both are
+    resumable: a finished step is kept in its cache and the VLM's stage 2 checkpoints, so a killed run restarted
+    with the same command goes on where it stopped (the verification cache is removed once it has passed)."""
     import json
     import platform
     import shutil
     import subprocess
     import sys
-    import tempfile
 
     import transformers
 
@@ -819,21 +820,23 @@ def export_organism(profile: str, store: Path, verify: bool = False) -> int:
     if P.lm is None:
         raise SystemExit(f"profile {profile!r} has no organism ([lm], [tower], [vlm] sections)")
     if verify:
-        with tempfile.TemporaryDirectory() as tmp:
-            arts = organism(P, Cache(tmp, stores=())).artifacts
-            bad = []
-            for name in ORGANISM_STEPS:
-                ours, committed = load_json(arts[name] / MANIFEST), store / arts[name].path.name / MANIFEST
-                if not committed.exists():
-                    bad.append(f"{name}: no committed artifact {committed.parent} (settings or code changed?)")
-                    continue
-                theirs = load_json(committed)["files"]
-                # Weights and result tables must be equal bit for bit; info.json holds wall-clock times.
-                differ = [f for f, meta in ours["files"].items() if f != "info.json" and theirs.get(f) != meta]
-                if differ:
-                    bad.append(f"{name}: retrained {', '.join(differ)} differ from {committed.parent}")
-            print("\n".join(bad) or f"organism of {profile!r}: retrained bit for bit equal to {store}/")
-            return 1 if bad else 0
+        scratch = Cache(stores=()).root.parent / f"verify-{profile}"  # beside the local cache, never the store
+        arts = organism(P, Cache(scratch, stores=())).artifacts
+        bad = []
+        for name in ORGANISM_STEPS:
+            ours, committed = load_json(arts[name] / MANIFEST), store / arts[name].path.name / MANIFEST
+            if not committed.exists():
+                bad.append(f"{name}: no committed artifact {committed.parent} (settings or code changed?)")
+                continue
+            theirs = load_json(committed)["files"]
+            # Weights and result tables must be equal bit for bit; info.json holds wall-clock times.
+            differ = [f for f, meta in ours["files"].items() if f != "info.json" and theirs.get(f) != meta]
+            if differ:
+                bad.append(f"{name}: retrained {', '.join(differ)} differ from {committed.parent}")
+        print("\n".join(bad) or f"organism of {profile!r}: retrained bit for bit equal to {store}/")
+        if not bad:
+            shutil.rmtree(scratch)
+        return 1 if bad else 0
     arts = organism(P, Cache(stores=())).artifacts
     store.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

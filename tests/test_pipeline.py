@@ -72,6 +72,7 @@ def test_export_then_verify_reproduces_the_organism_bit_for_bit(tmp_path, monkey
     assert pipeline.export_organism("tiny", store) == 0
     assert (store / "PROVENANCE-tiny.json").exists() and len([p for p in store.glob("*-*") if p.is_dir()]) == 3
     assert pipeline.export_organism("tiny", store, verify=True) == 0
+    assert not (tmp_path / "verify-tiny").exists(), "a passed verification removes its own cache"
     # a committed weight that no longer matches what the code trains is reported
     weights = next(store.glob("vlm-*")) / "MANIFEST.json"
     text = weights.read_text()
