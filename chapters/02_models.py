@@ -270,10 +270,14 @@ print(
 )
 
 # %% [markdown]
-# Read the rows of three objects: where the earlier places fall well below the last one and the misses name
-# another object's colour, the LM tells the last-described object from the others but not the first two apart,
-# a binding failure rather than a format or vocabulary fault. It is a failure of the base LM on text; the VLM
-# reads colour from the image tokens, where each object is its own token (the VLM's colour row in the table above).
+# Read the rows of three objects. An LM that binds each colour to its shape scores alike at every place. One that
+# has learned a shortcut by place scores well below the last place at the earlier ones, and its misses name another
+# described object's colour: it tells the last-described object from the others but not the first two apart, a
+# binding failure rather than a format or vocabulary fault. The printed line says which kind this LM is. (Trained
+# 6,000 steps, this profile's LM was the second kind: 1.00 at the last place, 0.54 at the earlier ones, and 97 of 97
+# misses named another object's colour; trained 10,000 steps, the same model on the same data binds at every place.)
+# Either way the VLM reads colour from the image tokens, where each object is its own token (the VLM's colour row in
+# the table above).
 
 # %% [markdown]
 # ## Free answers
