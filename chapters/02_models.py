@@ -121,8 +121,9 @@ print(
 # %% [markdown]
 # Most patches of an image are background, which every head tells apart easily, so the tower's accuracy on the
 # patches under an object is the number to read: the VLM cannot name a shape more reliably than its frozen tower
-# encodes it (an earlier tower, 1,500 steps on 20,000 images, scored 0.975 on all patches but 0.89 on object
-# patches, and its VLM 0.92 on shape questions).
+# encodes it. Measured: a tower trained 1,500 steps on 20,000 images scored 0.975 on all patches but 0.89 on object
+# patches, and its VLM 0.915 on held-out shape questions; trained 4,000 steps on 60,000 images, the same tower
+# scores 1.00 on object patches.
 
 # %% [markdown]
 # ## Training curves
