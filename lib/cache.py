@@ -89,6 +89,12 @@ class Cache:
     def path(self, name: str, key: str) -> Path:
         return self.root / f"{name}-{key[:16]}"
 
+    def checkpoint(self, name: str, settings: dict, *, deps=(), version: int = 1) -> Path:
+        """Where a resumable build of the artifact `get` would key this way keeps its checkpoint (its folder made)."""
+        path = self.root / "checkpoints" / f"{name}-{make_key(name, version, settings, tuple(deps))[:16]}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def verify(self, path: Path) -> dict:
         """The manifest of a complete, intact artifact; raises CorruptArtifact naming what is wrong."""
         manifest_path = path / MANIFEST

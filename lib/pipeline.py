@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from . import world as W
-from .cache import Artifact, Cache, load_table, make_key, save_table
+from .cache import Artifact, Cache, load_table, save_table
 from .profiles import Profile, load_profile, settings
 
 # Splits of the generated world. Each is an independent random stream, so no scene is shared between splits.
@@ -139,14 +139,13 @@ def vlm(P: Profile, cache: Cache, lm_art: Artifact | None = None, tower_art: Art
     settings_ = {**_organism_settings(P, "vlm"), "tower": settings(P.tower)}  # the VLM reads the tower's layout
     version = 3  # 3: fresh scenes every step
     # Resumable: a killed build restarts from its checkpoint in the cache directory (stage 2 is hours on a CPU).
-    checkpoint = cache.root / "checkpoints" / f"vlm-{make_key('vlm', version, settings_, [lm_art, tower_art])[:16]}.pt"
+    checkpoint = cache.checkpoint("vlm", settings_, deps=[lm_art, tower_art], version=version)
 
     def build(out):
         torch.set_num_threads(P.threads)
         tokenizer = AutoTokenizer.from_pretrained(lm_art / "model")
         lm = LlamaForCausalLM.from_pretrained(lm_art / "model")
         tower = CLIPVisionModel.from_pretrained(tower_art / "model")
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         res = O.train_vlm(P.vlm, lm, tower, P.tower, tokenizer, P.seed, checkpoint=checkpoint)
         _save_model(out, res.model, tokenizer)
         save_table(out / "accuracy.parquet", res.accuracy)
@@ -437,9 +436,7 @@ def adapted_saes(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs) -> Adap
     settings_ = _analysis_settings(P, "sae")
     # version 2: fresh variants no longer repeat the base SAEs' initial draw (lib.adaptation.FRESH_SEED_OFFSET)
     version = 2
-    checkpoint = (
-        cache.root / "checkpoints" / f"adapted-saes-{make_key('adapted-saes', version, settings_, deps)[:16]}.pt"
-    )
+    checkpoint = cache.checkpoint("adapted-saes", settings_, deps=deps, version=version)
 
     def build(out):
         res = adapt_saes(
@@ -461,7 +458,6 @@ def adapted_saes(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs) -> Adap
         checkpoint.unlink(missing_ok=True)
         return {"forwards_per_epoch": res.forwards_per_epoch}
 
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     art = cache.get("adapted-saes", settings_, build, deps=deps, version=version)
     saes = {v.name: load_saes(art / "saes", layers, v.name) for v in ADAPTATION_VARIANTS}
     return Adapted(
