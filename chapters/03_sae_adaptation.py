@@ -194,8 +194,8 @@ out.figure(fig, "reconstruction_gap")
 
 # %% [markdown]
 # ## The saved SAEs are plain SAELens SAEs
-# One adapted SAE reloaded with `sae_lens.SAE.load_from_disk` encodes held-out activations exactly as the SAE
-# object the chapter used.
+# One adapted SAE reloaded with `sae_lens.SAE.load_from_disk` encodes held-out activations as the SAE object the
+# chapter used, to float32 rounding (the printed largest difference).
 
 # %%
 layer = layers[-1]
