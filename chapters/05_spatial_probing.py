@@ -145,6 +145,11 @@ if gt_acts is not None:
         f"features with best-relation AUROC >= {Q.min_auroc} outside the final set: {len(check.missed)}; "
         f"first filter that dropped them: {check.missed_by_filter.to_dict()}"
     )
+    best = auroc.loc[auroc.best_relation_auroc.idxmax()]
+    print(
+        f"best of all {len(auroc)} features: AUROC {best.best_relation_auroc:.3f} (layer {best.layer}, feature "
+        f"{best.feature}, {best.best_relation})"
+    )
 else:
     print("no ground truth on this profile's data")
 
@@ -153,7 +158,11 @@ else:
 # above, same row, same column), using its activation on the prompt text after the image under the
 # direction-free prompts. The printed line compares the groups against the goal the book set itself; where the
 # final set misses it, the numbers say by how much, and the count of missed relation-predicting features says
-# which filter is responsible for them.
+# which filter is responsible for them. The last line bounds what any selection could find here: where even the
+# best of all features stays far below the goal, the miss is not the filters' fault, since no feature of the
+# adapted SAE tracks the relation at the text positions under a prompt that names none. The VLM answers relation
+# questions from the image (chapter 2), so it does compute relations when a question asks for one; one reading,
+# not tested here, is that it computes them only then, and a direction-free prompt gives it no reason to.
 
 # %% [markdown]
 # ## Auto-interp
