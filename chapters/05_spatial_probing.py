@@ -159,10 +159,36 @@ else:
 # direction-free prompts. The printed line compares the groups against the goal the book set itself; where the
 # final set misses it, the numbers say by how much, and the count of missed relation-predicting features says
 # which filter is responsible for them. The last line bounds what any selection could find here: where even the
-# best of all features stays far below the goal, the miss is not the filters' fault, since no feature of the
-# adapted SAE tracks the relation at the text positions under a prompt that names none. The VLM answers relation
-# questions from the image (chapter 2), so it does compute relations when a question asks for one; one reading,
-# not tested here, is that it computes them only then, and a direction-free prompt gives it no reason to.
+# best of all features stays far below the goal, the miss is not the filters' fault, since no single feature of
+# the adapted SAE tracks the relation at the text positions under a prompt that names none.
+
+# %% [markdown]
+# ### All of a layer's features at once
+# A relation can be carried by several features together rather than by one. A linear probe (standardised
+# inputs, L2 logistic regression, 5-fold cross-validated AUROC; `lib.probing.relation_probe`) reads each relation
+# from all of a layer's feature activations on the same scenes and prompts. The control row is a probe given only
+# the true answer to "which rows and which columns hold an object" (six yes/no inputs): positions without knowing
+# which object is which.
+
+# %%
+if gt_acts is not None:
+    layer_of = np.array([layer for layer, _ in gt_acts.keys])
+    inputs = {f"SAE codes, layer {l}": gt_acts.acts_sf.numpy()[:, layer_of == l] for l in sorted(set(layer_of))}
+    inputs["control: true row and column occupancy"] = attrs.filter(regex="^(row|column):").to_numpy(float)
+    probe = PR.relation_probe(inputs, attrs, seed=P.seed)
+    probe.columns = [c.removeprefix("relation:") for c in probe.columns]
+    probe = probe.rename_axis("input").reset_index()
+    out.table(probe, "relation_probe")
+
+# %% [markdown]
+# Read each SAE row against the control. Above, same row and same column follow linearly from which rows and
+# columns are occupied, so the control reaches 1 on them; an SAE row below it there means the layer's codes do not
+# carry even the occupancy in a linearly readable form. Left of and right of also need which object is where (the
+# first object in reading order against the second), which occupancy alone does not give; an SAE row above the
+# control there carries that. Where the SAE rows are high and the single-feature AUROCs above stay low, the
+# organism encodes the scene's layout at the text positions in a distributed code that no one feature of the final
+# set stands for. Neither probe shows that the model computes the relation itself at these positions: that would
+# need a probe that beats a control knowing every object's cell, which this chapter does not run.
 
 # %% [markdown]
 # ## Auto-interp

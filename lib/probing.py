@@ -712,6 +712,41 @@ def auroc_table(acts_sf, attributes: pd.DataFrame, keys: Sequence[FeatureKey] | 
     return table
 
 
+def relation_probe(
+    inputs: Mapping[str, np.ndarray], attributes: pd.DataFrame, n_splits: int = 5, seed: int = 0, C: float = 0.1
+) -> pd.DataFrame:
+    """Cross-validated AUROC of a linear probe for each `relation:` attribute, from each named input matrix (rows
+    aligned with `attributes`): standardised inputs, L2 logistic regression (inverse strength C), out-of-fold
+    probabilities from stratified k-fold (scikit-learn). `auroc_table` asks whether one feature tracks a relation;
+    this asks whether a set of them does jointly. Samples whose attribute is <NA> are left out; NaN where either
+    class has fewer than `n_splits` samples. One row per input, one column per relation."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    relations = [c for c in attributes.columns if c.startswith("relation:")]
+    label_sa, valid_sa = _as_bool_matrix(attributes[relations])
+    folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+    rows = {}
+    for name, x in inputs.items():
+        x = np.asarray(x, dtype=np.float64)
+        assert x.shape[0] == len(attributes), f"{name}: {x.shape[0]} samples, attributes {len(attributes)} rows"
+        row = {}
+        for a, rel in enumerate(relations):
+            valid = valid_sa[:, a]
+            y = label_sa[valid, a].astype(int)
+            if min(y.sum(), len(y) - y.sum()) < n_splits:
+                row[rel] = np.nan
+                continue
+            probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+            p = cross_val_predict(probe, x[valid], y, cv=folds, method="predict_proba")[:, 1]
+            row[rel] = roc_auc_score(y, p)
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index", columns=relations)
+
+
 def _add_best(table: pd.DataFrame, columns: list[str], name_col: str, value_col: str) -> None:
     values = table[columns].to_numpy(dtype=float)
     defined = ~np.isnan(values).all(1)

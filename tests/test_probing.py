@@ -288,6 +288,32 @@ def test_auroc_matches_sklearn():
     assert table.layer.tolist() == [3] * 6 and table.feature.tolist() == list(range(6))
 
 
+def test_relation_probe_reads_a_relation_no_single_feature_carries():
+    """XOR-like code: the relation is the sum of two features, each alone uninformative; a probe on both finds it,
+    a probe on noise does not, <NA> rows are left out and a class too small to split is NaN."""
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.random(n) < 0.5
+    a = 4 * rng.normal(size=n)
+    b = np.where(y, 1.0, -1.0) - a + 0.1 * rng.normal(size=n)  # a + b tracks y; a and b alone barely do
+    attrs = pd.DataFrame(
+        {
+            "relation:left of": pd.array(y, dtype="boolean"),
+            "relation:same row": pd.array(np.arange(n) < 3, dtype="boolean"),  # 3 positives: too few for 5 folds
+            "color:red": rng.random(n) < 0.5,  # not a relation: no column
+        }
+    )
+    attrs.loc[:19, "relation:left of"] = pd.NA
+    joint = np.stack([a, b], 1)
+    single = P.auroc_table(torch.tensor(joint), attrs[["relation:left of"]])
+    assert single["relation:left of"].max() < 0.8
+    probe = P.relation_probe({"joint": joint, "noise": rng.normal(size=(n, 2))}, attrs, seed=0)
+    assert list(probe.columns) == ["relation:left of", "relation:same row"]
+    assert probe.loc["joint", "relation:left of"] > 0.98
+    assert abs(probe.loc["noise", "relation:left of"] - 0.5) < 0.1
+    assert probe["relation:same row"].isna().all()
+
+
 def test_feature_activations_under_prompts_equal_direct_computation(vlm, world_samples):
     samples = P.SampleSet.from_world(world_samples[:5])
     encoders = {0: topk_encoder(32, 16, 4, seed=3), 1: topk_encoder(32, 16, 4, seed=4)}
