@@ -40,6 +40,7 @@
 profile = "default"
 
 # %%
+import textwrap
 import time
 
 import matplotlib.pyplot as plt
@@ -300,7 +301,8 @@ fig, axes = plt.subplots(len(rows), 1 + len(show_heads), figsize=(2.3 * (1 + len
 for i, (_kind, image, question) in enumerate(rows):
     img = np.asarray(image)
     axes[i, 0].imshow(img)
-    axes[i, 0].set_title(question.replace("statement : ", "")[:40], fontsize=7)
+    q = question.replace("statement : ", "").replace(" . is this correct ?", " ?")
+    axes[i, 0].set_title("\n".join(textwrap.wrap(q, 30)[:3]), fontsize=7)  # at most three lines
     for j, head in enumerate(show_heads):
         ax = axes[i, 1 + j]
         ax.imshow(img)
