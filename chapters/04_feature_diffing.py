@@ -163,7 +163,7 @@ print("median image/text mean-|z| ratio of adapted features per layer:", ratio.r
 
 # %% [markdown]
 # Above the dotted line a feature is on average stronger on image tokens than on text tokens. Passing E_v > ε
-# does not make a feature image-heavy when ε is 1 %: where a layer's printed median is near or below 1, its typical
+# does not make a feature image-heavy when ε is small: where a layer's printed median is near or below 1, its typical
 # rotated feature is as strong on the text as on the image, and only where it is well above 1 is the rotated set
 # image-specific.
 

@@ -109,14 +109,14 @@ print("top heads:", ", ".join(f"L{l}H{h}" for l, h in top))
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 1.2, 1]})
-valid = torch.isfinite(agg.layer_profile_l).numpy()
-profile = agg.layer_profile_l.numpy()
-axes[0].bar(np.arange(L)[valid], profile[valid], color="#1f77b4")
+layer_profile = agg.layer_profile_l.numpy()  # not `profile`: that is the chapter's papermill parameter
+valid = np.isfinite(layer_profile)
+axes[0].bar(np.arange(L)[valid], layer_profile[valid], color="#1f77b4")
 resid = scores.timing["resid"].groupby("layer").score.mean()
-resid_scaled = resid / resid.sum() * np.nansum(profile)  # the same total as the bars
+resid_scaled = resid / resid.sum() * np.nansum(layer_profile)  # the same total as the bars
 axes[0].plot(resid.index, resid_scaled, "k.--", label="residual stream (scaled)")
 axes[0].set(xlabel="layer", ylabel="aggregated head score", title="layer profile", xticks=range(L))
-axes[0].set_ylim(0, 1.3 * np.nanmax([*profile, *resid_scaled]))  # room for the legend
+axes[0].set_ylim(0, 1.3 * np.nanmax([*layer_profile, *resid_scaled]))  # room for the legend
 axes[0].legend(frameon=False, fontsize=8, loc="upper left")
 im = axes[1].imshow(agg.score_lh.numpy(), aspect="auto", cmap="viridis")
 axes[1].set(xlabel="head", ylabel="layer", title="layer × head", xticks=range(n_heads), yticks=range(L))
