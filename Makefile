@@ -54,7 +54,7 @@ $(STAMP): requirements.txt
 	@touch $@
 
 book: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.runner --profile $(PROFILE) $(RUNNER_ARGS)
+	$(OFFLINE) $(PY) -m lib.io.runner --profile $(PROFILE) $(RUNNER_ARGS)
 	$(MAKE) --no-print-directory html
 	@echo "book: $(CURDIR)/_build/html/index.html"
 
@@ -64,16 +64,16 @@ html: $(STAMP)
 
 chapter: $(STAMP)
 	@test -n "$(CHAPTER)" || { echo "usage: make chapter CHAPTER=01_world [PROFILE=$(PROFILE)]"; exit 2; }
-	$(OFFLINE) $(PY) -m lib.runner --profile $(PROFILE) --chapter $(CHAPTER) $(RUNNER_ARGS)
+	$(OFFLINE) $(PY) -m lib.io.runner --profile $(PROFILE) --chapter $(CHAPTER) $(RUNNER_ARGS)
 
 organism: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.pipeline organism --profile $(PROFILE)
+	$(OFFLINE) $(PY) -m lib.steps.pipeline organism --profile $(PROFILE)
 
 organism-verify: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.pipeline organism --profile $(PROFILE) --verify
+	$(OFFLINE) $(PY) -m lib.steps.pipeline organism --profile $(PROFILE) --verify
 
 check: $(STAMP)
-	$(PY) -m lib.runner --profile $(PROFILE) --check
+	$(PY) -m lib.io.runner --profile $(PROFILE) --check
 
 # pytest exits 5 when it collected no test (a fresh checkout filtered down by -k, say): say so and pass; make
 # would otherwise turn it into its own exit status 2 and hide which it was.

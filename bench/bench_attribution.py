@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from lib import adapter as A
-from lib import attribution as T
-from lib import world
+from lib.kernels import adapter as A
+from lib.kernels import attribution as T
+from lib.sources import world
 
 
 def build_vlm(n_layers: int, d_model: int, n_heads: int, seed: int = 0) -> A.VLM:
@@ -47,7 +47,7 @@ def build_vlm(n_layers: int, d_model: int, n_heads: int, seed: int = 0) -> A.VLM
         LlavaForConditionalGeneration,
     )
 
-    from lib.tokenizer import IMAGE, build_tokenizer
+    from lib.sources.tokenizer import IMAGE, build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(seed)

@@ -50,7 +50,7 @@ from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from lib.sae import (
+from lib.kernels.sae import (
     ActBatch,
     ReconAccumulator,
     SAEBank,

@@ -44,11 +44,11 @@ profile = "default"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from lib import world as W
-from lib.book import Outputs
-from lib.cache import Cache
-from lib.pipeline import world_census
-from lib.profiles import load_profile
+from lib.io.cache import Cache
+from lib.io.outputs import Outputs
+from lib.io.profiles import load_profile
+from lib.sources import world as W
+from lib.steps.pipeline import world_census
 
 P = load_profile(profile)
 out = Outputs("01_world", P.name)

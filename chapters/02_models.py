@@ -49,12 +49,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lib import organism as O
-from lib import world as W
-from lib.book import Outputs
-from lib.cache import MANIFEST, Cache, load_json
-from lib.pipeline import heldout_accuracy, organism
-from lib.profiles import load_profile
+from lib.io.cache import MANIFEST, Cache, load_json
+from lib.io.outputs import Outputs
+from lib.io.profiles import load_profile
+from lib.sources import organism as O
+from lib.sources import world as W
+from lib.steps.pipeline import heldout_accuracy, organism
 
 P = load_profile(profile)
 out = Outputs("02_models", P.name)

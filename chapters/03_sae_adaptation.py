@@ -45,11 +45,11 @@ import pandas as pd
 import torch
 from sae_lens import SAE
 
-from lib import adaptation as AD
-from lib import pipeline as PL
-from lib.book import Outputs
-from lib.cache import Cache, load_json
-from lib.profiles import load_profile
+from lib.io.cache import Cache, load_json
+from lib.io.outputs import Outputs
+from lib.io.profiles import load_profile
+from lib.kernels import adaptation as AD
+from lib.steps import pipeline as PL
 
 P = load_profile(profile)
 out = Outputs("03_sae_adaptation", P.name)

@@ -42,11 +42,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from scipy import stats
 
-from lib import diffing as DF
-from lib import pipeline as PL
-from lib.book import Outputs
-from lib.cache import Cache
-from lib.profiles import load_profile
+from lib.io.cache import Cache
+from lib.io.outputs import Outputs
+from lib.io.profiles import load_profile
+from lib.kernels import diffing as DF
+from lib.steps import pipeline as PL
 
 started = time.perf_counter()
 P = load_profile(profile)

@@ -48,12 +48,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lib import diffing as DF
-from lib import pipeline as PL
-from lib import probing as PR
-from lib.book import Outputs
-from lib.cache import Cache
-from lib.profiles import load_profile
+from lib.io.cache import Cache
+from lib.io.outputs import Outputs
+from lib.io.profiles import load_profile
+from lib.kernels import diffing as DF
+from lib.kernels import probing as PR
+from lib.steps import pipeline as PL
 
 P = load_profile(profile)
 out = Outputs("05_spatial_probing", P.name)

@@ -49,12 +49,12 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from lib import attribution as AT
-from lib import pipeline as PL
-from lib.adapter import prepare
-from lib.book import Outputs
-from lib.cache import Cache
-from lib.profiles import load_profile
+from lib.io.cache import Cache
+from lib.io.outputs import Outputs
+from lib.io.profiles import load_profile
+from lib.kernels import attribution as AT
+from lib.kernels.adapter import prepare
+from lib.steps import pipeline as PL
 
 P = load_profile(profile)
 out = Outputs("06_attribution", P.name)
@@ -196,8 +196,8 @@ out.figure(fig, "validation")
 # therefore (heads scored) / 4 and (heads scored x positions) / 4.
 
 # %%
-from lib.adapter import iter_batches
-from lib.probing import feature_keys
+from lib.kernels.adapter import iter_batches
+from lib.kernels.probing import feature_keys
 
 
 def median_time(fn, repeats=3):

@@ -33,9 +33,9 @@ def world_vlm(seed: int = 0, n_layers: int = 3, with_base_lm: bool = True):
     """A random LLaVA the way the organism is built (lib.world prompts, lib.tokenizer vocabulary)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-    from lib import world
-    from lib.adapter import VLM
-    from lib.tokenizer import IMAGE, build_tokenizer
+    from lib.kernels.adapter import VLM
+    from lib.sources import world
+    from lib.sources.tokenizer import IMAGE, build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(seed)

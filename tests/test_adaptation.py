@@ -12,10 +12,10 @@ import pytest
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
 
-from lib import adaptation as AD
-from lib import adapter as A
-from lib import world
-from lib.sae import ADAPTATION_VARIANTS, SAEBank, SAESpec, StreamingTrainer, TrainConfig
+from lib.kernels import adaptation as AD
+from lib.kernels import adapter as A
+from lib.kernels.sae import ADAPTATION_VARIANTS, SAEBank, SAESpec, StreamingTrainer, TrainConfig
+from lib.sources import world
 
 matplotlib.use("Agg")
 torch.set_num_threads(1)

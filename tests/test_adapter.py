@@ -6,8 +6,8 @@ import fakes
 import pytest
 import torch
 
-from lib import adapter as A
-from lib import world
+from lib.kernels import adapter as A
+from lib.sources import world
 
 torch.set_num_threads(1)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib import adapter as A
-from lib import attribution as T
-from lib import world
+from lib.kernels import adapter as A
+from lib.kernels import attribution as T
+from lib.sources import world
 
 torch.set_num_threads(1)
 

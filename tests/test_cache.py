@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import cache as C
-from lib.pipeline import world_census
-from lib.profiles import load_profile
+from lib.io import cache as C
+from lib.io.profiles import load_profile
+from lib.steps.pipeline import world_census
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_killed_write_leaves_nothing_that_reads_as_valid(tmp_path):
     script = textwrap.dedent(f"""
         import time, torch
         from pathlib import Path
-        from lib import cache as C
+        from lib.io import cache as C
         def build(out):
             C.save_tensors(out / "a.safetensors", {{"w": torch.ones(1000)}})
             Path({str(marker)!r}).write_text("started")

@@ -8,7 +8,7 @@ nothing from a previous run hides a broken step.
 
 import pytest
 
-from lib.runner import REPO_ROOT, check_outputs, run_chapter, toc_chapters
+from lib.io.runner import REPO_ROOT, check_outputs, run_chapter, toc_chapters
 
 CHAPTERS = toc_chapters(REPO_ROOT)
 

@@ -5,8 +5,9 @@ import numpy as np
 import torch
 from test_adaptation import random_topk_sae
 
-from lib import adapter as A
-from lib import diffing, world
+from lib.kernels import adapter as A
+from lib.kernels import diffing
+from lib.sources import world
 
 
 def test_feature_table_matches_direct_computation():
@@ -48,7 +49,7 @@ def test_image_dependence_matches_direct_computation():
     dep = diffing.image_dependence(vlm, saes, pairs, reference, batch_size=3)
     assert dep.layer.unique().tolist() == [1] and len(dep) == saes[1].cfg.d_sae
 
-    from lib.attribution import mean_image_embedding
+    from lib.kernels.attribution import mean_image_embedding
 
     mean_d = mean_image_embedding(vlm, reference)
     batch = A.prepare(vlm, [p[0] for p in pairs], [p[1] for p in pairs])

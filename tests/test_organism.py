@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lib import organism as O
-from lib import world
-from lib.tokenizer import build_tokenizer
+from lib.sources import organism as O
+from lib.sources import world
+from lib.sources.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from lib import adapter as A
-from lib import paper as P
+from lib.kernels import adapter as A
+from lib.sources import paper as P
 
 torch.set_num_threads(1)
 TOWER = "model.vision_tower.vision_tower.vision_model."

@@ -10,7 +10,7 @@ import tomllib
 import fakes
 import pytest
 
-from lib.runner import REPO_ROOT, check_outputs, run_chapter, toc_chapters
+from lib.io.runner import REPO_ROOT, check_outputs, run_chapter, toc_chapters
 
 CHAPTERS = toc_chapters(REPO_ROOT)
 

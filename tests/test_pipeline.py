@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import torch
 
-from lib import pipeline
-from lib.cache import Cache
-from lib.profiles import load_profile
+from lib.io.cache import Cache
+from lib.io.profiles import load_profile
+from lib.steps import pipeline
 
 
 def _events(logs):
@@ -46,7 +46,7 @@ def test_organism_is_deterministic_across_caches(tmp_path):
 
 
 def test_heldout_accuracy_scores_the_extended_split_and_follows_the_models(tmp_path):
-    from lib import organism as O
+    from lib.sources import organism as O
 
     logs = []
     cache = Cache(tmp_path, log=logs.append)

@@ -17,9 +17,9 @@ from PIL import Image
 from sklearn.metrics import f1_score as sk_f1
 from sklearn.metrics import roc_auc_score
 
-from lib import adapter as A
-from lib import probing as P
-from lib import world as W
+from lib.kernels import adapter as A
+from lib.kernels import probing as P
+from lib.sources import world as W
 
 matplotlib.use("Agg")
 torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lib.profiles import ProfileError, available_profiles, load_profile
+from lib.io.profiles import ProfileError, available_profiles, load_profile
 
 
 def test_shipped_profiles_load():

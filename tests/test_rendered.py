@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import pytest
 
-from lib.runner import REPO_ROOT, declared_outputs, toc_chapters, toc_files
+from lib.io.runner import REPO_ROOT, declared_outputs, toc_chapters, toc_files
 
 pytestmark = pytest.mark.rendered
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lib import runner
-from lib.runner import REPO_ROOT, RunnerError
+from lib.io import runner
+from lib.io.runner import REPO_ROOT, RunnerError
 
 HEADER = """\
 # ---
@@ -64,7 +64,7 @@ def run(root: Path, *args: str) -> subprocess.CompletedProcess:
     """The runner as `make` calls it: a separate process, judged by its exit status and what it prints."""
     env = {k: v for k, v in os.environ.items() if k not in runner.KERNEL_ENV}  # the runner must set them itself
     return subprocess.run(
-        [sys.executable, "-m", "lib.runner", "--root", str(root), *args],
+        [sys.executable, "-m", "lib.io.runner", "--root", str(root), *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -351,7 +351,7 @@ def test_failing_cell_index_ignores_papermills_inserted_cells():
 
 
 def test_known_profiles_are_the_ones_lib_profiles_loads():
-    profiles = pytest.importorskip("lib.profiles")
+    profiles = pytest.importorskip("lib.io.profiles")
     assert runner.known_profiles(REPO_ROOT) == profiles.available_profiles()
 
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
 
-from lib.paper import jumprelu_to_topk
-from lib.sae import (
+from lib.kernels.sae import (
     ADAPTATION_VARIANTS,
     FULL,
     IMAGE_ONLY,
@@ -33,6 +32,7 @@ from lib.sae import (
     token_weights_vn,
     topk_indices,
 )
+from lib.sources.paper import jumprelu_to_topk
 
 D, F_, K = 12, 48, 4
 SPLITS_FOR_TEST = ("full", "image", "text")

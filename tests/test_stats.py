@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lib import diffing, probing
+from lib.kernels import diffing, probing
 
 
 def _table():

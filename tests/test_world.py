@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from lib import world as W
+from lib.sources import world as W
 
 
 def _digest(samples) -> str:

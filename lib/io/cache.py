@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "MANIFEST.json"
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "artifacts"
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".cache" / "artifacts"
 # Artifacts committed to the repository (`make organism` writes them): read-only, looked up after the local cache.
-COMMITTED = Path(__file__).resolve().parent.parent / "artifacts"
+COMMITTED = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lib import world
-from lib.tokenizer import BOS, EOS, IMAGE, build_tokenizer
+from lib.sources import world
+from lib.sources.tokenizer import BOS, EOS, IMAGE, build_tokenizer
 
 IMAGE_SIZE = world.GRID * 16  # the world's default 16 px cells
 PATCH = 8
@@ -957,7 +957,7 @@ def load_organism(directory: str | Path) -> Organism:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m lib.organism OUT_DIR [tiny|default]`: train the organism with a fixed seed and save it."""
+    """`python -m lib.sources.organism OUT_DIR [tiny|default]`: train the organism with a fixed seed and save it."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

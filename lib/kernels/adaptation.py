@@ -41,8 +41,8 @@ import torch
 from matplotlib.figure import Figure
 from sae_lens import SAE
 
-from lib import adapter as A
-from lib.sae import (
+from lib.kernels import adapter as A
+from lib.kernels.sae import (
     ADAPTATION_VARIANTS,
     BASE,
     SPLITS,

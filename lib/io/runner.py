@@ -1,8 +1,8 @@
 """Execute the book's chapters and check what they produced.
 
-    python -m lib.runner --profile default                  # every chapter, in _toc.yml order
-    python -m lib.runner --profile tiny --chapter 01_world  # one chapter (repeat --chapter for more)
-    python -m lib.runner --profile default --check          # only check the declared figures and tables
+    python -m lib.io.runner --profile default                  # every chapter, in _toc.yml order
+    python -m lib.io.runner --profile tiny --chapter 01_world  # one chapter (repeat --chapter for more)
+    python -m lib.io.runner --profile default --check          # only check the declared figures and tables
 
 Execution and rendering are separate steps (the QuantEcon habit): this module executes each `chapters/<stem>.py`
 (Jupytext percent format) with papermill, injecting the profile into the cell tagged `parameters`, and writes
@@ -41,7 +41,7 @@ import nbformat
 import papermill
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOC_NOTEBOOK_DIR = "book/notebooks"  # where _toc.yml points for executed chapters
 CHAPTER_DIR = "chapters"
 PROFILE_DIR = "lib/profiles"  # <name>.toml: the files lib.profiles.load_profile reads
@@ -245,7 +245,7 @@ def kernel_environment(root: Path) -> Iterator[None]:
 def missing_sections(chapter: Chapter, profile: str, nb: nbformat.NotebookNode | None = None) -> list[str]:
     """The profile sections a chapter declares it needs (header field `book_requires`, e.g. `[world]` for the
     chapters about the organism) that `profile` (a name or a .toml path) does not have."""
-    from lib.profiles import load_profile
+    from lib.io.profiles import load_profile
 
     nb = nb if nb is not None else jupytext.read(chapter.source, fmt="py:percent")
     needed = nb.metadata.get("book_requires") or []
@@ -547,7 +547,7 @@ def check_book(root: Path, profile: str, wanted: list[str] | None = None) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lib.runner", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lib.io.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="default", help="profile name (lib/profiles/<name>.toml)")
     parser.add_argument("--chapter", action="append", help="chapter stem, e.g. 01_world (repeatable)")
     parser.add_argument("--check", action="store_true", help="only check the declared figures and tables")

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib.adapter import VLM
+from lib.kernels.adapter import VLM
 
 LLAVA_MORE_ID = "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning"
 LLM_ID = "meta-llama/Llama-3.1-8B-Instruct"
@@ -601,9 +601,9 @@ def paper_data(P):
     """`lib.pipeline.Data` for the paper profile: VQAv2 rows for adaptation and held-out metrics, COCO captions for
     the text-only stream, the first `n_spatial_questions` spatial and as many general VQAv2 questions (adaptation
     rows, keyword regex above) for probing, VSR as the statement benchmark. No ground truth, no control task."""
-    from .attribution import Statement
-    from .pipeline import Data, LazyPairs
-    from .probing import SampleSet
+    from lib.kernels.attribution import Statement
+    from lib.kernels.probing import SampleSet
+    from lib.steps.pipeline import Data, LazyPairs
 
     cfg = P.paper
     name = cfg.vqa_dataset

@@ -171,7 +171,7 @@ def feature_table(
     the base LM's text stream is run too, for the authors' raw second-moment definition `visual_energy_raw`.
     Memory is O(layers x variants x width): activations are never kept.
     """
-    from .adaptation import lm_batches, vlm_batches
+    from lib.kernels.adaptation import lm_batches, vlm_batches
 
     layers = sorted(base_saes)
     keys = [(layer, v) for v in adapted for layer in layers]
@@ -215,8 +215,8 @@ def image_dependence(vlm, saes: dict, pairs, reference_images, batch_size: int =
     A feature whose activation on the text reflects what is in the image changes when the image is averaged away;
     one that reads the words does not. On the image tokens themselves every input changes under the corruption, so
     they would say nothing. `saes[layer]` are SAELens SAEs (one variant)."""
-    from .adapter import capture, prepare, replace_image_embeddings
-    from .attribution import mean_image_embedding
+    from lib.kernels.adapter import capture, prepare, replace_image_embeddings
+    from lib.kernels.attribution import mean_image_embedding
 
     layers = sorted(saes)
     mean_d = mean_image_embedding(vlm, reference_images, batch_size)

@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lib.adapter import (
+from lib.kernels.adapter import (
     VLM,
     Batch,
     HeadPatch,

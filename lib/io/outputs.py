@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
+BOOK_DIR = Path(__file__).resolve().parents[2] / "book"
 
 
 def style() -> None:

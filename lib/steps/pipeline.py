@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import world as W
-from .cache import Artifact, Cache, load_table, save_table
-from .profiles import Profile, load_profile, settings
+from lib.io.cache import Artifact, Cache, load_table, save_table
+from lib.io.profiles import Profile, load_profile, settings
+from lib.sources import world as W
 
 # Splits of the generated world. Each is an independent random stream, so no scene is shared between splits.
 CENSUS_SPLITS = {"train": tuple(W.QTYPES), "heldout": tuple(W.QTYPES), "bench": ("statement",)}
@@ -103,7 +103,7 @@ def _save_model(out, model, tokenizer=None) -> None:
 
 
 def base_lm(P: Profile, cache: Cache) -> Artifact:
-    from . import organism as O
+    from lib.sources import organism as O
 
     def build(out):
         torch.set_num_threads(P.threads)
@@ -117,7 +117,7 @@ def base_lm(P: Profile, cache: Cache) -> Artifact:
 
 
 def vision_tower(P: Profile, cache: Cache) -> Artifact:
-    from . import organism as O
+    from lib.sources import organism as O
 
     def build(out):
         torch.set_num_threads(P.threads)
@@ -132,7 +132,7 @@ def vlm(P: Profile, cache: Cache, lm_art: Artifact | None = None, tower_art: Art
     """The VLM, fine-tuned from the base LM with the frozen tower (either artifact is looked up if not given)."""
     from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
-    from . import organism as O
+    from lib.sources import organism as O
 
     lm_art = lm_art or base_lm(P, cache)
     tower_art = tower_art or vision_tower(P, cache)
@@ -171,7 +171,7 @@ def organism(P: Profile, cache: Cache) -> OrganismModels:
 def heldout_accuracy(P: Profile, cache: Cache, m: OrganismModels) -> pd.DataFrame:
     """Held-out accuracy per question type on `world.n_heldout` samples (the training runs' own tables score 100 per
     type, too few to tell 0.93 from 0.95): base LM on captions, VLM on images and with the mean image embedding."""
-    from . import organism as O
+    from lib.sources import organism as O
 
     def build(out):
         torch.set_num_threads(P.threads)
@@ -199,10 +199,10 @@ def heldout_accuracy(P: Profile, cache: Cache, m: OrganismModels) -> pd.DataFram
 
 def models(P: Profile, cache: Cache):
     """The VLM bundle of a profile: the organism (trained or reused) or the paper's LLaVA-MORE + Llama-3.1."""
-    from .adapter import VLM
+    from lib.kernels.adapter import VLM
 
     if P.paper is not None:
-        from .paper import load_paper_vlm
+        from lib.sources.paper import load_paper_vlm
 
         # The generation prompt (assistant header) ends every prompt, so the last position is where the answer is
         # formed: the statement benchmark reads its next-token logits there.
@@ -213,8 +213,8 @@ def models(P: Profile, cache: Cache):
             dtype=getattr(torch, P.paper.dtype),
             add_generation_prompt=True,
         )
-    from . import organism as O
-    from .tokenizer import BOS, IMAGE
+    from lib.sources import organism as O
+    from lib.sources.tokenizer import BOS, IMAGE
 
     # Every later step runs the organism on the profile's thread count, including steps whose cached inputs were
     # reused (torch's default of one thread per core spins when another process holds a core: a feature table took
@@ -279,11 +279,11 @@ class Data(NamedTuple):
 
 
 def data(P: Profile) -> Data:
-    from .attribution import choices_from_samples, statements_from_samples
-    from .probing import SampleSet
+    from lib.kernels.attribution import choices_from_samples, statements_from_samples
+    from lib.kernels.probing import SampleSet
 
     if P.paper is not None:
-        from .paper import paper_data
+        from lib.sources.paper import paper_data
 
         return paper_data(P)
     mk = lambda split, n, qtypes=tuple(W.QTYPES), n_objects=P.world.n_objects: W.make_samples(  # noqa: E731
@@ -341,12 +341,12 @@ class BaseSAEs(NamedTuple):
 
 def base_saes(P: Profile, cache: Cache, vlm, D: Data) -> BaseSAEs:
     """Organism: one TopK SAE per layer trained on the base LM's text stream. Paper: Llama Scope as TopK k."""
-    from .adaptation import train_base_saes
-    from .sae import SAESpec, TrainConfig, load_saes
+    from lib.kernels.adaptation import train_base_saes
+    from lib.kernels.sae import SAESpec, TrainConfig, load_saes
 
     layers = sae_layers(P, vlm)
     if P.paper is not None:
-        from .paper import load_llama_scope_topk
+        from lib.sources.paper import load_llama_scope_topk
 
         device = str(next(vlm.model.parameters()).device)
         saes = {
@@ -384,8 +384,8 @@ def base_saes(P: Profile, cache: Cache, vlm, D: Data) -> BaseSAEs:
 def base_sae_sweep(P: Profile, cache: Cache, vlm, D: Data) -> pd.DataFrame | None:
     """Organism only: base SAEs for every expansion x k of the profile's sweep, on the first `sweep_pairs` text
     pairs; per layer FVU and dead fraction on the held-out text stream (what the profile's choice is read from)."""
-    from .adaptation import base_sae_sweep as sweep
-    from .sae import SAESpec, TrainConfig
+    from lib.kernels.adaptation import base_sae_sweep as sweep
+    from lib.kernels.sae import SAESpec, TrainConfig
 
     if P.paper is not None:
         return None
@@ -426,8 +426,8 @@ class Adapted(NamedTuple):
 def adapted_saes(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs) -> Adapted:
     """Every layer's base SAE fine-tuned on the VLM stream in the four variants, one pass, one forward per batch
     for all layers and variants. Resumable: a killed build restarts from its checkpoint in the cache directory."""
-    from .adaptation import adapt_saes
-    from .sae import ADAPTATION_VARIANTS, SAEBank, SAESpec, TrainConfig, load_saes
+    from lib.kernels.adaptation import adapt_saes
+    from lib.kernels.sae import ADAPTATION_VARIANTS, SAEBank, SAESpec, TrainConfig, load_saes
 
     layers = sae_layers(P, vlm)
     any_sae = base.saes[layers[0]]
@@ -471,7 +471,7 @@ def adapted_saes(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs) -> Adap
 
 def reconstruction(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs, adapted: Adapted) -> pd.DataFrame:
     """Held-out FVU / normalised MSE by token split: base vs each variant, on the VLM and the LM text streams."""
-    from .adaptation import reconstruction_table
+    from lib.kernels.adaptation import reconstruction_table
 
     def build(out):
         table = reconstruction_table(
@@ -491,7 +491,7 @@ def feature_table(P: Profile, cache: Cache, vlm, D: Data, base: BaseSAEs, adapte
     """One row per layer x variant x feature: weight diffs against the base SAE and activation statistics on the
     held-out VLM stream (lib.diffing.feature_table), plus, on the organism, the image dependence of the variant
     the book follows. The selection flags are added by the chapters from the profile's thresholds."""
-    from . import diffing
+    from lib.kernels import diffing
 
     def build(out):
         table = diffing.feature_table(
@@ -526,7 +526,7 @@ def _encoders(adapted: Adapted, variant: str) -> dict:
 def spatial_stats(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted) -> pd.DataFrame:
     """Fisher test per feature of the followed variant: firing on the text positions of spatial vs general
     questions (lib.probing.firing_counts / spatial_table)."""
-    from . import probing
+    from lib.kernels import probing
 
     variant = P.diffing.variant
 
@@ -541,8 +541,8 @@ def spatial_stats(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted) -> p
 
 def selection_table(P: Profile, features: pd.DataFrame, spatial: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     """The followed variant's rows with the `adapted` and `spatial` flags the profile's thresholds give."""
-    from .diffing import selection
-    from .probing import select_spatial
+    from lib.kernels.diffing import selection
+    from lib.kernels.probing import select_spatial
 
     rows, cos_max = selection(features, P.diffing.variant, P.diffing.eps, P.diffing.q)
     rows = rows.merge(spatial, on=["layer", "feature"], how="left", validate="one_to_one")
@@ -559,8 +559,8 @@ class Lexical(NamedTuple):
 def lexical(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, candidates: pd.DataFrame) -> Lexical:
     """The lexical filter on the candidates (adapted and spatial): top samples by activation on their own question,
     then the question swapped for each direction-free prompt (lib.probing.lexical_filter)."""
-    from . import probing
-    from . import world as W_
+    from lib.kernels import probing
+    from lib.sources import world as W_
 
     prompts = probing.PAPER_GENERIC_PROMPTS if P.paper is not None else W_.GENERIC_PROMPTS
     keys = probing.feature_keys(candidates)
@@ -610,7 +610,7 @@ class Selection(NamedTuple):
 
 def spatial_selection(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, features: pd.DataFrame) -> Selection:
     """Adapted, spatial, lexical and final flags of every feature of the followed variant (chapters 5 and 6)."""
-    from .probing import final_set
+    from lib.kernels.probing import final_set
 
     spatial = spatial_stats(P, cache, vlm, D, adapted)
     table, cos_max = selection_table(P, features, spatial)
@@ -626,8 +626,8 @@ def spatial_selection(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, 
 def ground_truth_activations(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted):
     """Organism only: every feature's activation on each two-object scene under the direction-free prompts (max over
     post-image positions, mean over prompts; lib.probing.feature_activations_under_prompts)."""
-    from . import probing
-    from .cache import load_tensors, save_tensors
+    from lib.io.cache import load_tensors, save_tensors
+    from lib.kernels import probing
 
     if D.ground_truth is None:
         return None
@@ -652,8 +652,8 @@ def ground_truth_activations(P: Profile, cache: Cache, vlm, D: Data, adapted: Ad
 def features_of(adapted: Adapted, variant: str, keys) -> list:
     """lib.attribution.Feature for each (layer, feature): the decoder row of the adapted SAE (layer 0 has no head
     below it and is left out)."""
-    from .attribution import Feature
-    from .probing import feature_keys
+    from lib.kernels.attribution import Feature
+    from lib.kernels.probing import feature_keys
 
     saes = adapted.saes[variant]
     keys = feature_keys(keys)
@@ -667,7 +667,7 @@ def features_of(adapted: Adapted, variant: str, keys) -> list:
 def mean_image(P: Profile, vlm, D: Data):
     """The corrupted run's image embedding: the mean projected image token over held-out images (never the images
     being corrupted: attribution runs on the statement benchmark)."""
-    from .attribution import mean_image_embedding
+    from lib.kernels.attribution import mean_image_embedding
 
     n = min(len(D.heldout), 256)
     return mean_image_embedding(vlm, [D.heldout[i][0] for i in range(n)], P.attribution.batch_size)
@@ -684,8 +684,8 @@ def head_scores(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, final:
     statements. Scores are means over samples; NaN at layers >= the feature's."""
     import time
 
-    from . import attribution as AT
-    from .adapter import iter_batches
+    from lib.kernels import attribution as AT
+    from lib.kernels.adapter import iter_batches
 
     feats = features_of(adapted, P.diffing.variant, final)
     A_ = P.attribution
@@ -736,7 +736,7 @@ def head_scores(P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, final:
         "features": [f.name for f in feats],
     }
     art = cache.get("head-scores", settings_, build, deps=[adapted.artifact], version=1)
-    from .cache import load_json
+    from lib.io.cache import load_json
 
     table = load_table(art / "heads.parquet")
     return HeadScores(table, {**load_json(art / "info.json"), "resid": load_table(art / "resid.parquet")})
@@ -750,8 +750,8 @@ def causal_table(
     P: Profile, cache: Cache, vlm, D: Data, adapted: Adapted, final: pd.DataFrame, heads: list, random_keys: list
 ) -> pd.DataFrame:
     """The ablation table (lib.attribution.causal_checks) on the statement benchmark and the control task."""
-    from . import attribution as AT
-    from .adapter import iter_batches
+    from lib.kernels import attribution as AT
+    from lib.kernels.adapter import iter_batches
 
     A_ = P.attribution
     feats = features_of(adapted, P.diffing.variant, final)
@@ -810,7 +810,7 @@ def export_organism(profile: str, store: Path, verify: bool = False) -> int:
 
     import transformers
 
-    from .cache import MANIFEST, load_json
+    from lib.io.cache import MANIFEST, load_json
 
     P = load_profile(profile)
     if P.lm is None:
@@ -850,7 +850,7 @@ def export_organism(profile: str, store: Path, verify: bool = False) -> int:
             "files": manifest["files"],
         }
     provenance["made_by"] = {
-        "command": " ".join([Path(sys.executable).name, "-m", "lib.pipeline", *sys.argv[1:]]),
+        "command": " ".join([Path(sys.executable).name, "-m", "lib.steps.pipeline", *sys.argv[1:]]),
         "profile": profile,
         "seed": P.seed,
         "threads": P.threads,
@@ -869,9 +869,11 @@ def export_organism(profile: str, store: Path, verify: bool = False) -> int:
 if __name__ == "__main__":
     import argparse
 
-    from .cache import COMMITTED
+    from lib.io.cache import COMMITTED
 
-    parser = argparse.ArgumentParser(prog="python -m lib.pipeline", description="Build and export pipeline steps.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lib.steps.pipeline", description="Build and export pipeline steps."
+    )
     parser.add_argument("step", choices=["organism"])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--store", type=Path, default=COMMITTED)

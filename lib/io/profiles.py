@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
 
 class ProfileError(ValueError):
@@ -225,7 +225,7 @@ class Profile:
         if any(s is not None for s in organism) and (self.world is None or None in organism):
             raise ProfileError("the organism needs all of the sections [world], [lm], [tower] and [vlm]")
         if self.tower is not None:
-            from lib.organism import IMAGE_SIZE
+            from lib.sources.organism import IMAGE_SIZE
 
             if self.world.image_px != IMAGE_SIZE or self.tower.patch != self.world.patch_px:
                 raise ProfileError(
@@ -253,7 +253,7 @@ _SECTION_TYPES = {
 def _section_type(name: str):
     cls = _SECTION_TYPES[name]
     if isinstance(cls, str):
-        from lib import organism
+        from lib.sources import organism
 
         cls = getattr(organism, cls)
     return cls

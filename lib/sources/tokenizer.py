@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lib.world import SPECIAL_TOKENS, VOCAB
+from lib.sources.world import SPECIAL_TOKENS, VOCAB
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<bos>", "<eos>", "<image>"
 assert set(SPECIAL_TOKENS) == {PAD, UNK, BOS, EOS, IMAGE}, f"lib.world.SPECIAL_TOKENS changed: {SPECIAL_TOKENS}"

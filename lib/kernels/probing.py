@@ -51,8 +51,8 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from lib import world as W
-from lib.adapter import VLM, Batch, capture, iter_batches, prepare, resid_name, resid_stream
+from lib.kernels.adapter import VLM, Batch, capture, iter_batches, prepare, resid_name, resid_stream
+from lib.sources import world as W
 
 # ---------------------------------------------------------------------------------------------------------------
 # Firing statistics and the selection rules
