@@ -1,4 +1,4 @@
-"""Benchmark: attribution patching against exhaustive activation patching (lib/attribution.py), on this CPU.
+"""Benchmark: attribution patching against exhaustive activation patching (lib/kernels/attribution.py), on this CPU.
 
 Not a test. One random organism-shaped LLaVA (world tokenizer and prompts, 48 px images, 36 image tokens; language
 model d_model 128, 4 heads of 32, 5 decoder layers) and one batch of 16 statement questions (~55 tokens each). The

@@ -1,12 +1,12 @@
-"""Benchmark: our streaming TopK trainer (lib/sae.py) against SAELens' `SAETrainer`, on this CPU.
+"""Benchmark: our streaming TopK trainer (lib/kernels/sae_training.py) against SAELens' `SAETrainer`, on this CPU.
 
 Not a test. Both train the same TopK SAE (the default profile's sizes: d_in 128, width 512 = 4 x d_model, k 16;
 4096 tokens per step, Adam, 400 steps) on the same
 synthetic activations in the same order: sparse combinations of a hidden dictionary of 2048 unit directions plus a
 mean offset and noise, so a TopK SAE can learn them. Steps of the two trainers alternate in blocks, so load from
 other processes on the shared cores hits both alike; the throughput is the median over blocks. Final FVU of each is
-measured on the same held-out tokens with the same function (lib.sae.ReconAccumulator: sum ||x - x_hat||^2 /
-sum ||x - mu||^2).
+measured on the same held-out tokens with the same function (lib.kernels.sae_training.ReconAccumulator:
+sum ||x - x_hat||^2 / sum ||x - mu||^2).
 
 SAELens side: `TopKTrainingSAE` with its defaults (rescale_acts_by_decoder_norm, decoder_init_norm 0.1, AuxK
 coefficient 1, which only acts on features dead for 1000 steps, so never here) driven through
@@ -50,15 +50,9 @@ from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from lib.kernels.sae import (
-    ActBatch,
-    ReconAccumulator,
-    SAEBank,
-    SAESpec,
-    StreamingTrainer,
-    TrainConfig,
-    Variant,
-)
+from lib.kernels.activations import ActBatch
+from lib.kernels.sae import SAEBank, SAESpec, Variant
+from lib.kernels.sae_training import ReconAccumulator, StreamingTrainer, TrainConfig
 
 
 def synthetic_batches(

@@ -1,7 +1,7 @@
 """Tiny stand-ins for the real models and data, built by the tests themselves (no hub, no network).
 
 - `world_vlm`: an organism-shaped LLaVA (48 x 48 images, 8 px patches, 36 image tokens, the world's word-level
-  tokenizer from lib/tokenizer.py, prompts from lib/world.py) plus a base LM for the text-only stream.
+  tokenizer from lib/sources/tokenizer.py, prompts from lib/sources/world.py) plus a base LM for the text-only stream.
 - `write_llava_more`: a checkpoint in the original LLaVA layout with LLaVA-MORE's key names and config fields, sharded
   with an index, with or without the vision tower's weights, next to a CLIP directory laid out like
   `openai/clip-vit-large-patch14-336` (a full CLIPModel and its preprocessor_config.json).
@@ -30,7 +30,7 @@ INIT = 0.2  # initializer_range: large enough that every layer matters in the ti
 
 
 def world_vlm(seed: int = 0, n_layers: int = 3, with_base_lm: bool = True):
-    """A random LLaVA the way the organism is built (lib.world prompts, lib.tokenizer vocabulary)."""
+    """A random LLaVA the way the organism is built (lib.sources.world prompts, lib.sources.tokenizer vocabulary)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
     from lib.kernels.adapter import VLM
@@ -332,9 +332,11 @@ def write_jumprelu_sae(
     """A random JumpReLU SAE saved with SAELens' `save_model` (cfg.json + sae_weights.safetensors)."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
+    from lib.names import resid_name
+
     torch.manual_seed(seed)
     cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec_to_input)
-    cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    cfg.metadata.hook_name = resid_name(layer)
     cfg.metadata.model_name = "tiny-llama"
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():

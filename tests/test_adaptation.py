@@ -1,4 +1,5 @@
-"""lib/adaptation.py on an organism-shaped random LLaVA (tests/fakes.py): forwards, resume, tables, gradients."""
+"""lib/kernels/adaptation.py and lib/kernels/activations.py on an organism-shaped random LLaVA (tests/fakes.py):
+forwards, resume, tables, gradients, and the figures of lib/figures/saes.py."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import pytest
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
 
+from lib.figures import saes as FS
 from lib.kernels import adaptation as AD
 from lib.kernels import adapter as A
-from lib.kernels.sae import ADAPTATION_VARIANTS, SAEBank, SAESpec, StreamingTrainer, TrainConfig
+from lib.kernels.activations import lm_batches, vlm_batches
+from lib.kernels.sae import ADAPTATION_VARIANTS, BASE, SAEBank, SAESpec
+from lib.kernels.sae_training import StreamingTrainer, TrainConfig
+from lib.names import resid_name
 from lib.sources import world
 
 matplotlib.use("Agg")
@@ -92,7 +97,7 @@ class Killed(Exception):
 def test_one_vlm_forward_per_batch_gives_every_layer(vlm, pairs):
     batches = []
     with count_forwards(A.decoder(vlm.model)) as lm_calls, count_forwards(vlm.model.model.vision_tower) as towers:
-        for batch in AD.vlm_batches(vlm, pairs[:10], batch_size=4, layers=LAYERS):
+        for batch in vlm_batches(vlm, pairs[:10], batch_size=4, layers=LAYERS):
             batches.append(batch)
     assert len(batches) == 3 and len(lm_calls) == 3 and len(towers) == 3
     assert [b.n_sequences for b in batches] == [4, 4, 2]
@@ -104,22 +109,22 @@ def test_one_vlm_forward_per_batch_gives_every_layer(vlm, pairs):
         keep_bs = padded.attention_mask_bs.clone()
         keep_bs[:, 0] = False  # every fake prompt starts with <bos>
         for li, layer in enumerate(LAYERS):
-            torch.testing.assert_close(batch.x_lnd[li], resid_all[A.resid_name(layer)][keep_bs], rtol=0, atol=0)
+            torch.testing.assert_close(batch.x_lnd[li], resid_all[resid_name(layer)][keep_bs], rtol=0, atol=0)
         assert torch.equal(batch.image_mask_n, padded.image_mask_bs[keep_bs])
         assert int(batch.image_mask_n.sum()) == len(chunk) * vlm.n_image_tokens
 
 
 def test_lm_batches_run_the_base_lm_on_text_only(vlm, text_pairs):
     with count_forwards(A.decoder(vlm.model)) as vlm_calls, count_forwards(A.decoder(vlm.base_lm)) as lm_calls:
-        batches = list(AD.lm_batches(vlm, text_pairs[:6], batch_size=4, layers=[2, 0]))
+        batches = list(lm_batches(vlm, text_pairs[:6], batch_size=4, layers=[2, 0]))
     assert (len(vlm_calls), len(lm_calls)) == (0, 2)
     assert not any(b.image_mask_n.any() for b in batches)
     padded = A.prepare_text(vlm, [c for c, _ in text_pairs[:4]], [q for _, q in text_pairs[:4]])
     resid = A.resid_stream(vlm, padded, layers=[0, 2])
     keep_bs = padded.keep_bs
     assert batches[0].x_lnd.shape == (2, int(keep_bs.sum()), D)
-    torch.testing.assert_close(batches[0].x_lnd[0], resid[A.resid_name(2)][keep_bs], rtol=0, atol=0)  # layer order
-    torch.testing.assert_close(batches[0].x_lnd[1], resid[A.resid_name(0)][keep_bs], rtol=0, atol=0)
+    torch.testing.assert_close(batches[0].x_lnd[0], resid[resid_name(2)][keep_bs], rtol=0, atol=0)  # layer order
+    torch.testing.assert_close(batches[0].x_lnd[1], resid[resid_name(0)][keep_bs], rtol=0, atol=0)
 
 
 def test_adaptation_spends_one_forward_per_batch_on_all_layers_and_variants(vlm, pairs, base_saes):
@@ -208,7 +213,7 @@ def test_reconstruction_table_by_hand(vlm, pairs, text_pairs):
 
     # An SAE that reconstructs nothing: nmse = 1 and FVU = sum ||x||^2 / sum ||x - mu||^2, each split its own mean.
     table0 = AD.reconstruction_table(vlm, {layer: zero_sae() for layer in LAYERS}, bank, held, held_text)
-    resid = A.resid_stream(vlm, padded, layers=[1])[A.resid_name(1)].double()
+    resid = A.resid_stream(vlm, padded, layers=[1])[resid_name(1)].double()
     for split, mask_bs in (("full", padded.keep_bs), ("image", padded.image_mask_bs), ("text", padded.text_bs)):
         x_nd = resid[mask_bs]
         want = float(x_nd.pow(2).sum() / (x_nd - x_nd.mean(0)).pow(2).sum())
@@ -245,7 +250,7 @@ def test_reconstruction_of_the_base_sae_equals_the_step_zero_history(vlm, pairs,
 
 @pytest.mark.parametrize("variant, perturbed", [("text-only", "image"), ("image-only", "text")])
 def test_a_masked_variant_ignores_the_other_tokens(vlm, pairs, base_saes, variant, perturbed):
-    batch = next(AD.vlm_batches(vlm, pairs[:4], batch_size=4, layers=LAYERS))
+    batch = next(vlm_batches(vlm, pairs[:4], batch_size=4, layers=LAYERS))
     where_n = batch.image_mask_n if perturbed == "image" else ~batch.image_mask_n
     gen = torch.Generator().manual_seed(0)
     noise_lnd = 5.0 * torch.randn(batch.x_lnd.shape, generator=gen) * where_n[None, :, None]
@@ -294,9 +299,9 @@ def test_norm_ratio_by_hand(vlm, pairs, text_pairs):
     table = AD.norm_ratio(vlm, pairs[:5], text_pairs[:3], layers=[0, 2], batch_size=2)
     assert table.layer.tolist() == [0, 2]
     padded = A.prepare(vlm, [p[0] for p in pairs[:5]], [p[1] for p in pairs[:5]])
-    x = A.resid_stream(vlm, padded, layers=[2])[A.resid_name(2)].double().norm(dim=-1)
+    x = A.resid_stream(vlm, padded, layers=[2])[resid_name(2)].double().norm(dim=-1)
     text = A.prepare_text(vlm, [c for c, _ in text_pairs[:3]], [q for _, q in text_pairs[:3]])
-    y = A.resid_stream(vlm, text, layers=[2])[A.resid_name(2)].double().norm(dim=-1)
+    y = A.resid_stream(vlm, text, layers=[2])[resid_name(2)].double().norm(dim=-1)
     row = table.set_index("layer").loc[2]
     assert row.vlm_text == pytest.approx(float(x[padded.text_bs].mean()), rel=1e-6)
     assert row.vlm_image == pytest.approx(float(x[padded.image_mask_bs].mean()), rel=1e-6)
@@ -308,11 +313,11 @@ def test_norm_ratio_by_hand(vlm, pairs, text_pairs):
 def test_bad_pairs_name_the_index(vlm, pairs, text_pairs):
     bad = [*pairs[:3], (pairs[3][0].astype(np.float32), pairs[3][1])]
     with pytest.raises(ValueError, match=r"pairs\[3\].*uint8"):
-        list(AD.vlm_batches(vlm, bad, batch_size=2))
+        list(vlm_batches(vlm, bad, batch_size=2))
     with pytest.raises(ValueError, match=r"pairs\[1\]"):
-        list(AD.lm_batches(vlm, [text_pairs[0], ("caption only",)], batch_size=2))
+        list(lm_batches(vlm, [text_pairs[0], ("caption only",)], batch_size=2))
     with pytest.raises(ValueError, match="layers"):
-        list(AD.vlm_batches(vlm, pairs[:2], layers=[0, 7]))
+        list(vlm_batches(vlm, pairs[:2], layers=[0, 7]))
 
 
 def test_plots_return_readable_figures(vlm, pairs, text_pairs, base_saes):
@@ -320,16 +325,16 @@ def test_plots_return_readable_figures(vlm, pairs, text_pairs, base_saes):
 
     result = AD.adapt_saes(vlm, base_saes, pairs[:8], pairs[8:12], SAESpec(D, F_, K), CFG, eval_every=1)
     table = AD.reconstruction_table(vlm, base_saes, result.bank, pairs[8:12], text_pairs[:4])
-    fig = AD.plot_fvu_over_training(result.history)
+    fig = FS.plot_fvu_over_training(result.history)
     assert [ax.get_title() for ax in fig.axes] == ["text tokens", "image tokens"]
     assert [line.get_label() for line in fig.axes[0].lines] == [v.name for v in ADAPTATION_VARIANTS]
     # Each line is the mean over layers at each logged step.
     h = result.history
     want = h[(h.split == "text") & (h.variant == "random")].groupby("step").fvu.mean().to_numpy()
     np.testing.assert_allclose(fig.axes[0].lines[1].get_ydata(), want)
-    fig2 = AD.plot_fvu_per_layer(table)
+    fig2 = FS.plot_fvu_per_layer(table)
     assert len(fig2.axes) == 3 and len(fig2.axes[0].lines) == 5
-    fig3 = AD.plot_reconstruction_gap(table)
+    fig3 = FS.plot_reconstruction_gap(table)
     ax = fig3.axes[0]
     assert ax.get_yscale() == "log" and len(ax.lines) == 4
     for fig_ in (fig, fig2, fig3):
@@ -341,7 +346,7 @@ def test_random_variant_does_not_start_from_the_base_init(vlm, pairs, text_pairs
     """Base SAEs and adaptation with the same seed: the `random` variant's starting dictionary must be independent
     of the draw the base SAEs started from (it was the same draw once, which made `random` look half-aligned)."""
     spec = SAESpec(D, F_, K)
-    init = SAEBank.create(spec, LAYERS, [AD.BASE], seed=0)  # what train_base_saes(seed=0) starts from
+    init = SAEBank.create(spec, LAYERS, [BASE], seed=0)  # what train_base_saes(seed=0) starts from
     base = AD.saes_of(init)
     res = AD.adapt_saes(vlm, base, pairs[:2], pairs[:2], spec, CFG, seed=0, batch_size=2)
     li, vi = res.bank.index(LAYERS[0], "random")

@@ -1,4 +1,4 @@
-"""lib/adapter.py on an organism-shaped random LLaVA: names, masks, hook_z, patching, corruption, projection."""
+"""lib/kernels/adapter.py on an organism-shaped random LLaVA: names, masks, hook_z, patching, corruption, projection."""
 
 import copy
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lib.kernels import adapter as A
+from lib.names import resid_name, z_name
 from lib.sources import world
 
 torch.set_num_threads(1)
@@ -59,11 +60,11 @@ def test_resid_post_equals_hf_hidden_states(vlm, batch):
     resid = A.resid_stream(vlm, batch)
     hidden = hf_hidden_states(vlm, batch)
     real = batch.attention_mask_bs
-    assert sorted(resid) == sorted(A.resid_name(layer) for layer in range(vlm.n_layers))
+    assert sorted(resid) == sorted(resid_name(layer) for layer in range(vlm.n_layers))
     for layer in range(vlm.n_layers - 1):
-        torch.testing.assert_close(resid[A.resid_name(layer)][real], hidden[layer + 1][real], rtol=0, atol=1e-6)
+        torch.testing.assert_close(resid[resid_name(layer)][real], hidden[layer + 1][real], rtol=0, atol=1e-6)
     # HF's last hidden state is after the final norm; TransformerLens' last resid_post is before it.
-    last = resid[A.resid_name(vlm.n_layers - 1)]
+    last = resid[resid_name(vlm.n_layers - 1)]
     assert not torch.allclose(last[real], hidden[-1][real], atol=1e-3)
     torch.testing.assert_close(A.decoder(vlm.model).norm(last)[real], hidden[-1][real], rtol=0, atol=1e-5)
 
@@ -73,7 +74,7 @@ def test_streaming_keeps_nothing_and_stops_early(vlm, batch):
     seen = []
     kept = A.resid_stream(vlm, batch, layers=[0, 1], on_layer=lambda name, x: seen.append((name, x.clone())))
     assert kept == {}
-    assert [name for name, _ in seen] == [A.resid_name(0), A.resid_name(1)]
+    assert [name for name, _ in seen] == [resid_name(0), resid_name(1)]
     for name, x in seen:
         torch.testing.assert_close(x, full[name], rtol=0, atol=0)
     ran = []
@@ -86,9 +87,9 @@ def test_streaming_keeps_nothing_and_stops_early(vlm, batch):
 
 
 def test_padding_does_not_leak(vlm, samples, batch):
-    resid = A.resid_stream(vlm, batch, layers=[2])[A.resid_name(2)]
+    resid = A.resid_stream(vlm, batch, layers=[2])[resid_name(2)]
     for i, s in enumerate(samples):
-        alone = A.resid_stream(vlm, A.prepare(vlm, [s.scene.render()], [s.question]), layers=[2])[A.resid_name(2)]
+        alone = A.resid_stream(vlm, A.prepare(vlm, [s.scene.render()], [s.question]), layers=[2])[resid_name(2)]
         n = int(batch.lengths_b[i])
         torch.testing.assert_close(resid[i, :n], alone[0], rtol=0, atol=2e-5)
 
@@ -105,7 +106,7 @@ def _rotate(x, pos_s, theta, d_head):
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_hook_z_matches_direct_attention(vlm, batch, layer):
-    z = A.capture(vlm, batch, z_layers=[layer]).z[A.z_name(layer)]
+    z = A.capture(vlm, batch, z_layers=[layer]).z[z_name(layer)]
     assert z.shape == (*batch.input_ids_bs.shape, vlm.n_heads, vlm.d_head)
     resid_pre = hf_hidden_states(vlm, batch)[layer]
     block = A.decoder(vlm.model).layers[layer]
@@ -128,18 +129,18 @@ def test_hook_z_matches_direct_attention(vlm, batch, layer):
 def _metric(vlm, batch, layer=2):
     """Sum over post-image positions of the residual's projection on a fixed direction (the attribution metric)."""
     direction_d = torch.linspace(-1, 1, vlm.d_model)
-    return lambda resid: (resid[A.resid_name(layer)] @ direction_d)[batch.post_image_bs].sum()
+    return lambda resid: (resid[resid_name(layer)] @ direction_d)[batch.post_image_bs].sum()
 
 
 def test_hook_z_gradient_matches_finite_difference(vlm, batch):
     metric = _metric(vlm, batch)
     run = A.capture(vlm, batch, resid_layers=[2], z_layers=[0, 1], grad=True)
-    grads = torch.autograd.grad(metric(run.resid), [run.z[A.z_name(0)], run.z[A.z_name(1)]])
+    grads = torch.autograd.grad(metric(run.resid), [run.z[z_name(0)], run.z[z_name(1)]])
     assert all(g.abs().sum() > 0 for g in grads)
     torch.manual_seed(0)
     head, eps = 1, 1e-3
     for layer, grad in zip([0, 1], grads, strict=True):
-        z_clean = run.z[A.z_name(layer)][:, :, head].detach()
+        z_clean = run.z[z_name(layer)][:, :, head].detach()
         u = torch.randn_like(z_clean) * batch.attention_mask_bs[..., None]
         at = []
         for t in (eps, -eps):
@@ -153,12 +154,12 @@ def test_hook_z_gradient_matches_finite_difference(vlm, batch):
 def test_zero_ablation_equals_zeroed_output_columns(vlm, batch):
     layer, head, k = 1, 2, vlm.d_head
     with A.patch_heads(vlm, [A.HeadPatch(layer, head, torch.zeros(k))]):
-        ablated = A.resid_stream(vlm, batch, layers=[2])[A.resid_name(2)]
+        ablated = A.resid_stream(vlm, batch, layers=[2])[resid_name(2)]
     edited = copy.deepcopy(vlm)
     with torch.no_grad():
         A.decoder(edited.model).layers[layer].self_attn.o_proj.weight[:, head * k : (head + 1) * k] = 0
-    reference = A.resid_stream(edited, batch, layers=[2])[A.resid_name(2)]
-    clean = A.resid_stream(vlm, batch, layers=[2])[A.resid_name(2)]
+    reference = A.resid_stream(edited, batch, layers=[2])[resid_name(2)]
+    clean = A.resid_stream(vlm, batch, layers=[2])[resid_name(2)]
     real = batch.attention_mask_bs
     torch.testing.assert_close(ablated[real], reference[real], rtol=0, atol=1e-5)
     assert (ablated - clean)[real].abs().max() > 1e-2, "ablating a head must matter in this model"
@@ -166,21 +167,21 @@ def test_zero_ablation_equals_zeroed_output_columns(vlm, batch):
 
 def test_patching_replaces_exactly_one_head(vlm, samples, batch):
     other = A.prepare(vlm, [s.scene.render() for s in reversed(samples)], [s.question for s in samples])
-    z_other = A.capture(vlm, other, z_layers=[1]).z[A.z_name(1)]
-    z_clean = A.capture(vlm, batch, z_layers=[1]).z[A.z_name(1)]
+    z_other = A.capture(vlm, other, z_layers=[1]).z[z_name(1)]
+    z_clean = A.capture(vlm, batch, z_layers=[1]).z[z_name(1)]
     where = batch.post_image_bs
     with A.patch_heads(vlm, [A.HeadPatch(1, 3, z_other[:, :, 3], positions_bs=where)]):
-        z_patched = A.capture(vlm, batch, z_layers=[1]).z[A.z_name(1)]
+        z_patched = A.capture(vlm, batch, z_layers=[1]).z[z_name(1)]
     torch.testing.assert_close(z_patched[:, :, 3][where], z_other[:, :, 3][where], rtol=0, atol=0)
     torch.testing.assert_close(z_patched[:, :, 3][~where], z_clean[:, :, 3][~where], rtol=0, atol=0)
     torch.testing.assert_close(z_patched[:, :, :3], z_clean[:, :, :3], rtol=0, atol=0)
     assert not torch.equal(z_other[:, :, 3][where], z_clean[:, :, 3][where])
     mean_k = z_clean[:, :, 0][batch.keep_bs].mean(0)
     with A.patch_heads(vlm, [A.HeadPatch(1, 0, mean_k)]):
-        z_mean = A.capture(vlm, batch, z_layers=[1]).z[A.z_name(1)]
+        z_mean = A.capture(vlm, batch, z_layers=[1]).z[z_name(1)]
     torch.testing.assert_close(z_mean[:, :, 0], mean_k.expand_as(z_mean[:, :, 0]), rtol=0, atol=0)
     # The hooks are gone after the block.
-    torch.testing.assert_close(A.capture(vlm, batch, z_layers=[1]).z[A.z_name(1)], z_clean, rtol=0, atol=0)
+    torch.testing.assert_close(A.capture(vlm, batch, z_layers=[1]).z[z_name(1)], z_clean, rtol=0, atol=0)
 
 
 def test_image_corruption_changes_only_from_the_image_span_on(vlm, batch):
@@ -191,7 +192,7 @@ def test_image_corruption_changes_only_from_the_image_span_on(vlm, batch):
         corrupt = A.resid_stream(vlm, batch)
     first_img = batch.image_mask_bs.float().argmax(1)
     for layer in range(vlm.n_layers):
-        diff_bs = (corrupt[A.resid_name(layer)] - clean[A.resid_name(layer)]).norm(dim=-1)
+        diff_bs = (corrupt[resid_name(layer)] - clean[resid_name(layer)]).norm(dim=-1)
         for i in range(diff_bs.shape[0]):
             n, f = int(batch.lengths_b[i]), int(first_img[i])
             assert diff_bs[i, :f].max() < 1e-5, f"layer {layer}: a position before the image changed"
@@ -205,14 +206,14 @@ def test_project_out_removes_direction(vlm, batch):
     clean = A.resid_stream(vlm, batch, layers=[1, 2])
     with A.project_out(vlm, 1, dirs_md, positions_bs=where):
         out = A.resid_stream(vlm, batch, layers=[1, 2])
-    x1 = out[A.resid_name(1)]
+    x1 = out[resid_name(1)]
     assert (x1[where] @ dirs_md.T).abs().max() < 1e-4
-    torch.testing.assert_close(x1[~where], clean[A.resid_name(1)][~where], rtol=0, atol=0)
+    torch.testing.assert_close(x1[~where], clean[resid_name(1)][~where], rtol=0, atol=0)
     # Projection, not a rescale: removing the span twice is the same as once.
     basis = torch.linalg.qr(dirs_md.T).Q
-    expect = clean[A.resid_name(1)][where] - clean[A.resid_name(1)][where] @ basis @ basis.T
+    expect = clean[resid_name(1)][where] - clean[resid_name(1)][where] @ basis @ basis.T
     torch.testing.assert_close(x1[where], expect, rtol=0, atol=1e-5)
-    assert (out[A.resid_name(2)] - clean[A.resid_name(2)])[where].abs().max() > 1e-3
+    assert (out[resid_name(2)] - clean[resid_name(2)])[where].abs().max() > 1e-3
 
 
 def test_text_only_stream(vlm, samples):
@@ -227,7 +228,7 @@ def test_text_only_stream(vlm, samples):
         ).hidden_states
     real = tb.attention_mask_bs
     for layer in range(vlm.n_layers - 1):
-        torch.testing.assert_close(resid[A.resid_name(layer)][real], hidden[layer + 1][real], rtol=0, atol=1e-6)
+        torch.testing.assert_close(resid[resid_name(layer)][real], hidden[layer + 1][real], rtol=0, atol=1e-6)
 
 
 def test_next_token_logits(vlm, batch):

@@ -1,6 +1,7 @@
-"""lib/attribution.py on organism-shaped random LLaVAs (tests/fakes.py) in float64, so first-order identities hold to
-many digits: one-backward gradients against finite differences, attribution against exhaustive patching on a
-near-linear model, the aggregation rule on a hand-made example, and the causal-check interventions."""
+"""lib/kernels/attribution.py, causal.py and attention.py on organism-shaped random LLaVAs (tests/fakes.py) in
+float64, so first-order identities hold to many digits: one-backward gradients against finite differences,
+attribution against exhaustive patching on a near-linear model, the aggregation rule on a hand-made example, the
+causal-check interventions and the attention read-outs."""
 
 import copy
 import types
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from lib.kernels import adapter as A
+from lib.kernels import attention as AN
 from lib.kernels import attribution as T
+from lib.kernels import causal as C
 from lib.sources import world
 
 torch.set_num_threads(1)
@@ -313,56 +316,56 @@ def test_random_heads_keep_layers_and_avoid_the_top_heads():
 
 @pytest.fixture(scope="module")
 def statements(samples):
-    return T.statements_from_samples(samples)
+    return C.statements_from_samples(samples)
 
 
 @pytest.fixture(scope="module")
 def yes_no(vlm):
-    return T.single_token_id(vlm.tokenizer, "yes"), T.single_token_id(vlm.tokenizer, "no")
+    return C.single_token_id(vlm.tokenizer, "yes"), C.single_token_id(vlm.tokenizer, "no")
 
 
 def test_yes_no_eval_reads_the_answer_position(vlm, batch, statements, yes_no):
     yes, no = yes_no
-    table = T.yes_no_eval(vlm, statements, yes, no, batch_size=3)
+    table = C.yes_no_eval(vlm, statements, yes, no, batch_size=3)
     logits = A.next_token_logits(vlm, batch)
     p_yes = torch.softmax(logits[:, [yes, no]], -1)[:, 0].numpy()
     np.testing.assert_allclose(table["p_yes"], p_yes, rtol=1e-6)  # next_token_logits returns float32
     labels = np.array([s.label for s in statements])
     assert (table["correct"] == ((p_yes > 0.5) == labels)).all()
     np.testing.assert_allclose(table["p_correct"], np.where(labels, p_yes, 1 - p_yes), rtol=1e-6)
-    summary = T.summarise(table).set_index("relation")
+    summary = C.summarise(table).set_index("relation")
     assert summary.loc["all", "n"] == 4 and summary.loc["all", "accuracy"] == table["correct"].mean()
     for rel, part in table.groupby("relation"):
         assert summary.loc[rel, "mean_p_correct"] == pytest.approx(part["p_correct"].mean())
 
 
 def test_ablating_all_heads_changes_answers_and_none_does_not(vlm, batch, statements, yes_no):
-    z_mean = T.mean_z(vlm, [batch])
-    clean = T.yes_no_eval(vlm, statements, *yes_no)
+    z_mean = C.mean_z(vlm, [batch])
+    clean = C.yes_no_eval(vlm, statements, *yes_no)
     every = [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
     for z in (z_mean, None):
-        none = T.yes_no_eval(vlm, statements, *yes_no, intervention=T.ablate_heads(vlm, [], z))
+        none = C.yes_no_eval(vlm, statements, *yes_no, intervention=C.ablate_heads(vlm, [], z))
         np.testing.assert_array_equal(none["p_yes"], clean["p_yes"])
-        ablated = T.yes_no_eval(vlm, statements, *yes_no, intervention=T.ablate_heads(vlm, every, z))
+        ablated = C.yes_no_eval(vlm, statements, *yes_no, intervention=C.ablate_heads(vlm, every, z))
         assert np.abs(ablated["p_yes"] - clean["p_yes"]).min() > 1e-4
 
 
 def test_mean_ablation_sets_z_to_the_reference_mean(vlm, batch):
-    z_mean = T.mean_z(vlm, [batch], layers=[1])
+    z_mean = C.mean_z(vlm, [batch], layers=[1])
     z = A.capture(vlm, batch, z_layers=[1]).z[A.z_name(1)]
     torch.testing.assert_close(z_mean[1, 2], z[:, :, 2][batch.keep_bs].mean(0), rtol=1e-12, atol=1e-12)
     assert z_mean[0].isnan().all()
-    with T.ablate_heads(vlm, [(1, 2)], z_mean)(batch):
+    with C.ablate_heads(vlm, [(1, 2)], z_mean)(batch):
         z_abl = A.capture(vlm, batch, z_layers=[1]).z[A.z_name(1)]
     torch.testing.assert_close(z_abl[:, :, 2], z_mean[1, 2].expand_as(z_abl[:, :, 2]), rtol=0, atol=0)
     with pytest.raises(AssertionError, match="no mean z for L0H1"):
-        T.ablate_heads(vlm, [(0, 1)], z_mean)
+        C.ablate_heads(vlm, [(0, 1)], z_mean)
 
 
 def test_projecting_a_feature_removes_it_at_its_layer(vlm, batch):
     f = features_for(vlm, layers=(1,))[0]
     clean = A.resid_stream(vlm, batch, layers=[1, 2])
-    with T.project_feature(vlm, f)(batch):
+    with C.project_feature(vlm, f)(batch):
         out = A.resid_stream(vlm, batch, layers=[1, 2])
     post = batch.post_image_bs
     x1 = out[A.resid_name(1)]
@@ -370,17 +373,17 @@ def test_projecting_a_feature_removes_it_at_its_layer(vlm, batch):
     assert (x1[post] @ f.direction_d).abs().max() < 1e-5  # adapter.project_out projects in float32
     torch.testing.assert_close(x1[~post], clean[A.resid_name(1)][~post], rtol=0, atol=0)
     assert (out[A.resid_name(2)] - clean[A.resid_name(2)])[post].abs().max() > 1e-3
-    with T.project_feature(vlm, f, where="all")(batch):
+    with C.project_feature(vlm, f, where="all")(batch):
         x_all = A.resid_stream(vlm, batch, layers=[1])[A.resid_name(1)]
     assert (x_all[batch.attention_mask_bs] @ f.direction_d).abs().max() < 1e-5
 
 
 def test_causal_checks_table(vlm, batch, statements, yes_no):
-    z_mean = T.mean_z(vlm, [batch])
-    controls = T.choices_from_samples(world.make_samples(0, "control", 3, qtypes=("color",)))
-    candidates = {c: T.single_token_id(vlm.tokenizer, c) for c in world.COLORS}
+    z_mean = C.mean_z(vlm, [batch])
+    controls = C.choices_from_samples(world.make_samples(0, "control", 3, qtypes=("color",)))
+    candidates = {c: C.single_token_id(vlm.tokenizer, c) for c in world.COLORS}
     f1, f2 = features_for(vlm, layers=(1, 2))
-    table = T.causal_checks(
+    table = C.causal_checks(
         vlm,
         statements,
         yes_id=yes_no[0],
@@ -408,7 +411,7 @@ def test_causal_checks_table(vlm, batch, statements, yes_no):
         ("random feature f1", "project post_image", -1),
     }
     clean = table[(table["condition"] == "clean") & (table["relation"] == "all")].set_index("task")
-    direct = T.summarise(T.yes_no_eval(vlm, statements, *yes_no)).set_index("relation")
+    direct = C.summarise(C.yes_no_eval(vlm, statements, *yes_no)).set_index("relation")
     assert clean.loc["statement", "accuracy"] == direct.loc["all", "accuracy"]
     assert clean.loc["control", "n"] == 3
     top = table[(table["condition"] == "top heads") & (table["relation"] == "all") & (table["task"] == "statement")]
@@ -416,9 +419,9 @@ def test_causal_checks_table(vlm, batch, statements, yes_no):
 
 
 def test_choice_eval_is_argmax_over_candidates(vlm):
-    controls = T.choices_from_samples(world.make_samples(0, "control", 5, qtypes=("color",)))
-    candidates = {c: T.single_token_id(vlm.tokenizer, c) for c in world.COLORS}
-    table = T.choice_eval(vlm, controls, candidates, batch_size=2)
+    controls = C.choices_from_samples(world.make_samples(0, "control", 5, qtypes=("color",)))
+    candidates = {c: C.single_token_id(vlm.tokenizer, c) for c in world.COLORS}
+    table = C.choice_eval(vlm, controls, candidates, batch_size=2)
     batch = A.prepare(vlm, [c.image for c in controls], [c.question for c in controls])
     logits = A.next_token_logits(vlm, batch)[:, list(candidates.values())]
     assert table["predicted"].tolist() == [list(candidates)[i] for i in logits.argmax(1).tolist()]
@@ -426,7 +429,7 @@ def test_choice_eval_is_argmax_over_candidates(vlm):
     answer = [list(candidates).index(c.answer) for c in controls]
     np.testing.assert_allclose(table["p_correct"], p[torch.arange(5), answer].numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="expected exactly one"):
-        T.single_token_id(vlm.tokenizer, "left of")
+        C.single_token_id(vlm.tokenizer, "left of")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,7 +438,7 @@ def test_choice_eval_is_argmax_over_candidates(vlm):
 
 def test_attention_patterns_equal_hf_eager_weights(vlm, batch):
     heads = [(0, 1), (1, 3), (2, 0)]
-    patterns = T.attention_patterns(vlm, batch, heads)
+    patterns = AN.attention_patterns(vlm, batch, heads)
     eager = copy.deepcopy(vlm.model)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
@@ -455,22 +458,22 @@ def test_attention_patterns_equal_hf_eager_weights(vlm, batch):
 
 def test_image_attention_and_mass_on_object_patches(vlm, batch, samples):
     heads = [(1, 3), (2, 0)]
-    att = T.image_attention(vlm, batch, heads)
+    att = AN.image_attention(vlm, batch, heads)
     assert att.grid_bhyx.shape == (4, 2, 6, 6)
-    patterns = T.attention_patterns(vlm, batch, heads)
+    patterns = AN.attention_patterns(vlm, batch, heads)
     post, img = batch.post_image_bs[0], batch.image_mask_bs[0]
     expect_n = patterns[(2, 0)][0][post][:, img].mean(0)
     torch.testing.assert_close(att.to_image_bhn[0, 1], expect_n, rtol=1e-12, atol=0)
     torch.testing.assert_close(att.grid_bhyx[0, 1, 2, 3], expect_n[2 * 6 + 3])
     torch.testing.assert_close(att.image_mass_bh, att.to_image_bhn.sum(-1))
     assert ((att.image_mass_bh > 0) & (att.image_mass_bh < 1)).all()
-    patches_b = [T.scene_patches(s.scene, [s.subject, s.obj], grid_side=6) for s in samples]
+    patches_b = [AN.scene_patches(s.scene, [s.subject, s.obj], grid_side=6) for s in samples]
     assert all(0 < len(p) < 36 for p in patches_b)
-    mass = T.attention_mass(att, patches_b)
+    mass = AN.attention_mass(att, patches_b)
     for i, p in enumerate(patches_b):
         torch.testing.assert_close(mass[i], att.to_image_bhn[i][:, p].sum(-1))
-    torch.testing.assert_close(T.attention_mass(att, [range(36)] * 4), att.image_mass_bh)
-    answer = T.image_attention(vlm, batch, heads, query_bs=T.last_token_bs(batch))
+    torch.testing.assert_close(AN.attention_mass(att, [range(36)] * 4), att.image_mass_bh)
+    answer = AN.image_attention(vlm, batch, heads, query_bs=AN.last_token_bs(batch))
     last = int(batch.lengths_b[0]) - 1
     torch.testing.assert_close(answer.to_image_bhn[0, 0], patterns[(1, 3)][0, last][img])
 
@@ -491,10 +494,10 @@ def test_frozen_weights_give_the_same_attribution(vlm, batch, mean_d):
 
 def test_combined_interventions_equal_nested_ones(vlm, batch, statements, yes_no):
     f = features_for(vlm, layers=(1,))[0]
-    ablate, project = T.ablate_heads(vlm, [(0, 1)]), T.project_feature(vlm, f)
-    combined = T.yes_no_eval(vlm, statements, *yes_no, intervention=T.combine(ablate, project))
+    ablate, project = C.ablate_heads(vlm, [(0, 1)]), C.project_feature(vlm, f)
+    combined = C.yes_no_eval(vlm, statements, *yes_no, intervention=C.combine(ablate, project))
     with ablate(batch), project(batch):
         logits = A.next_token_logits(vlm, batch)
     p_yes = torch.softmax(logits[:, list(yes_no)], -1)[:, 0].numpy()
     np.testing.assert_allclose(combined["p_yes"], p_yes, rtol=1e-6)
-    assert not np.allclose(combined["p_yes"], T.yes_no_eval(vlm, statements, *yes_no)["p_yes"])
+    assert not np.allclose(combined["p_yes"], C.yes_no_eval(vlm, statements, *yes_no)["p_yes"])

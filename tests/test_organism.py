@@ -1,13 +1,35 @@
-"""Tokenizer, prompts and the tiny organism: fast, offline, and each assertion could fail."""
+"""Tokenizer, prompts and the organism of the `tiny` profile: fast, offline, and each assertion could fail."""
+
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from lib.io.profiles import load_profile
 from lib.sources import organism as O
+from lib.sources import organism_training as OT
 from lib.sources import world
 from lib.sources.tokenizer import build_tokenizer
+
+TINY = load_profile("tiny")  # the organism's sections: .lm, .tower, .vlm; and .seed, .threads
+
+
+class Trained(NamedTuple):
+    lm: OT.LMResult
+    tower: OT.TowerResult
+    vlm: OT.VLMResult
+
+
+def train_tiny() -> Trained:
+    """The tiny profile's organism, trained the way lib/steps trains every profile's: LM and tower, then the VLM."""
+    torch.set_num_threads(TINY.threads)
+    tokenizer = build_tokenizer()
+    lm = OT.train_lm(TINY.lm, tokenizer, TINY.seed, progress=False)
+    tower = OT.train_tower(TINY.tower, TINY.seed, progress=False)
+    vlm = OT.train_vlm(TINY.vlm, lm.model, tower.model, TINY.tower, tokenizer, TINY.seed, progress=False)
+    return Trained(lm, tower, vlm)
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +39,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(O.TINY.num_threads)
-    return O.build_organism(O.TINY, progress=False)
+    return train_tiny()
 
 
 def test_tokenizer_round_trip_and_ids(tok, tmp_path):
@@ -26,7 +47,7 @@ def test_tokenizer_round_trip_and_ids(tok, tmp_path):
     text = O.lm_text(sample.scene.caption(), sample.question) + f" {sample.answer} <eos>"
     ids = tok(text, add_special_tokens=False).input_ids
     assert len(ids) == len(text.split()), "one word must be one token"
-    assert [world.VOCAB[i] for i in ids] == text.split(), "ids must follow the order of lib.world.VOCAB"
+    assert [world.VOCAB[i] for i in ids] == text.split(), "ids must follow the order of lib.sources.world.VOCAB"
     assert tok.decode(ids) == text
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
@@ -66,7 +87,7 @@ def test_vlm_prompt_and_pixels(tok):
 
 def test_tower_patch_labels_match_the_scene():
     s = world.make_samples(0, "t", 1, n_objects=(3,))[0]
-    lab_kp = O.patch_labels([s], O.PATCH)[0]
+    lab_kp = OT.patch_labels([s], O.PATCH)[0]
     for o in s.scene.objects:
         for p in o.patches(16, O.PATCH):
             assert lab_kp[1, p] == 1 + world.SHAPES.index(o.shape) and lab_kp[3, p] == 1 + o.col
@@ -82,7 +103,7 @@ def test_config_validation_names_the_field():
 
 
 def test_tiny_organism_is_a_standard_llava(tiny, tok):
-    vlm = tiny.vlm
+    vlm = tiny.vlm.model
     assert vlm.config.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert vlm.config.vision_feature_select_strategy == "default"
     samples = world.make_samples(3, "t", 4)
@@ -92,20 +113,29 @@ def test_tiny_organism_is_a_standard_llava(tiny, tok):
     torch.testing.assert_close(standard, cached)
     # stage 2 moved the LM away from the base LM, the tower stayed frozen
     assert not torch.equal(
-        vlm.model.language_model.layers[0].mlp.up_proj.weight, tiny.lm.model.layers[0].mlp.up_proj.weight
+        vlm.model.language_model.layers[0].mlp.up_proj.weight, tiny.lm.model.model.layers[0].mlp.up_proj.weight
     )
-    for name in ("lm_accuracy", "vlm_accuracy", "vlm_accuracy_mean_image", "residual_norms", "tower_accuracy"):
-        assert tiny.metrics[name], f"metrics lack {name}"
+    torch.testing.assert_close(vlm.model.vision_tower.state_dict(), tiny.tower.model.state_dict(), rtol=0, atol=0)
+    for name, table in [
+        ("LM accuracy", tiny.lm.accuracy),
+        ("VLM accuracy", tiny.vlm.accuracy),
+        ("VLM accuracy with the mean image", tiny.vlm.accuracy_mean_image),
+    ]:
+        assert list(table.qtype) == list(world.QTYPES), f"{name}: one row per question type"
+    assert set(tiny.tower.accuracy) >= set(OT.tower_heads(TINY.tower.patch)), "every tower head is scored"
+    norms = O.residual_norm_ratio(tiny.lm.model, vlm, tok, O.eval_samples(TINY.seed + 1, 16))
+    assert list(norms.point) == ["embed", *(f"blocks.{i}.hook_resid_post" for i in range(TINY.lm.n_layers))]
+    assert (norms.ratio > 0).all()
 
 
 def test_tiny_training_is_deterministic(tiny):
-    again = O.build_organism(O.TINY, progress=False)
-    for a, b in ((tiny.lm, again.lm), (tiny.vlm, again.vlm)):
+    again = train_tiny()
+    for a, b in ((tiny.lm.model, again.lm.model), (tiny.vlm.model, again.vlm.model)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), "same seed must give identical weights"
-    other = O.train_lm(O.TINY.lm, build_tokenizer(), seed=1, progress=False).model
-    assert not torch.equal(other.lm_head.weight, tiny.lm.lm_head.weight), "the seed must matter"
+    other = OT.train_lm(TINY.lm, build_tokenizer(), seed=TINY.seed + 1, progress=False).model
+    assert not torch.equal(other.lm_head.weight, tiny.lm.model.lm_head.weight), "the seed must matter"
 
 
 def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
@@ -113,12 +143,12 @@ def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
     history of an uninterrupted run; a checkpoint written for other settings is refused."""
     from dataclasses import replace
 
-    cfg = replace(O.TINY.vlm, stage2_steps=9, eval_every=3)
-    lm = O.train_lm(O.TINY.lm, tok, 0, progress=False).model
-    tower = O.train_tower(O.TINY.tower, 0, progress=False).model
-    ref = O.train_vlm(cfg, lm, tower, O.TINY.tower, tok, 0, progress=False)
+    cfg = replace(TINY.vlm, stage2_steps=9, eval_every=3)
+    lm = OT.train_lm(TINY.lm, tok, 0, progress=False).model
+    tower = OT.train_tower(TINY.tower, 0, progress=False).model
+    ref = OT.train_vlm(cfg, lm, tower, TINY.tower, tok, 0, progress=False)
 
-    evaluate, calls = O.evaluate_vlm, []
+    evaluate, calls = OT.evaluate_vlm, []
 
     def killed_at_second_evaluation(*args, **kw):
         calls.append(1)
@@ -127,32 +157,21 @@ def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
         return evaluate(*args, **kw)
 
     ckpt = tmp_path / "vlm.pt"
-    monkeypatch.setattr(O, "evaluate_vlm", killed_at_second_evaluation)
+    monkeypatch.setattr(OT, "evaluate_vlm", killed_at_second_evaluation)
     with pytest.raises(KeyboardInterrupt):
-        O.train_vlm(cfg, lm, tower, O.TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
+        OT.train_vlm(cfg, lm, tower, TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
     assert torch.load(ckpt, weights_only=True)["step"] == 3
     counted = []
-    monkeypatch.setattr(O, "evaluate_vlm", lambda *a, **kw: counted.append(1) or evaluate(*a, **kw))
-    resumed = O.train_vlm(cfg, lm, tower, O.TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(OT, "evaluate_vlm", lambda *a, **kw: counted.append(1) or evaluate(*a, **kw))
+    resumed = OT.train_vlm(cfg, lm, tower, TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
     assert len(counted) == 4, "a resumed run evaluates at steps 6 and 9 and twice at the end (a restart: 5 times)"
-    monkeypatch.setattr(O, "evaluate_vlm", evaluate)
+    monkeypatch.setattr(OT, "evaluate_vlm", evaluate)
     a, b = ref.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert resumed.history == ref.history
     assert [c[:2] for c in resumed.curve_stage2] == [c[:2] for c in ref.curve_stage2]
     with pytest.raises(ValueError, match="other settings"):
-        O.train_vlm(replace(cfg, lm_lr=cfg.lm_lr / 2), lm, tower, O.TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
-
-
-def test_save_load_round_trip(tiny, tmp_path):
-    O.save_organism(tiny, tmp_path)
-    back = O.load_organism(tmp_path)
-    samples = world.make_samples(4, "t", 3)
-    text, px = O.vlm_batch(back.tokenizer, samples, back.vlm.config.image_seq_length)
-    kw = dict(input_ids=text.input_ids_bs, attention_mask=text.attention_mask_bs, pixel_values=px)
-    torch.testing.assert_close(back.vlm(**kw).logits, tiny.vlm(**kw).logits)
-    with pytest.raises(FileNotFoundError, match="not a saved organism"):
-        O.load_organism(tmp_path / "nowhere")
+        OT.train_vlm(replace(cfg, lm_lr=cfg.lm_lr / 2), lm, tower, TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
 
 
 def test_colour_by_place_reads_the_answer_position(tok):

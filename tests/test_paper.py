@@ -1,5 +1,6 @@
-"""lib/paper.py on fakes: the original-layout LLaVA-MORE converter against an independent reference forward, its
-errors, the prompt and preprocessing, the Llama Scope JumpReLU -> TopK rebuild, and the dataset loaders."""
+"""lib/sources/paper_models.py and paper_data.py on fakes: the original-layout LLaVA-MORE converter against an
+independent reference forward, its errors, the prompt and preprocessing, the Llama Scope JumpReLU -> TopK rebuild,
+and the dataset loaders."""
 
 import json
 import shutil
@@ -13,7 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from lib.kernels import adapter as A
-from lib.sources import paper as P
+from lib.names import resid_name, z_name
+from lib.sources import paper_data as PD
+from lib.sources import paper_models as PM
 
 torch.set_num_threads(1)
 TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -31,7 +34,7 @@ def llm_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm(fake, llm_path):
-    return P.load_paper_vlm(fake.path, llm_path, fake.clip_path)
+    return PM.load_paper_vlm(fake.path, llm_path, fake.clip_path)
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +126,25 @@ def test_missing_key_is_named(fake, tmp_path, key):
         state = load_file(clip / "model.safetensors")
         del state["vision_model.encoder.layers.1.mlp.fc1.weight"]
         save_file(state, clip / "model.safetensors", metadata={"format": "pt"})
-        with pytest.raises(P.CheckpointError, match=r"missing vision-tower key `encoder\.layers\.1\.mlp\.fc1\.weight`"):
-            P.convert_llava_more(fake.path, clip, image_token_id=2)
+        with pytest.raises(
+            PM.CheckpointError, match=r"missing vision-tower key `encoder\.layers\.1\.mlp\.fc1\.weight`"
+        ):
+            PM.convert_llava_more(fake.path, clip, image_token_id=2)
         return
     broken = _edit(fake.path, tmp_path / "broken", key)
-    with pytest.raises(P.CheckpointError, match=f"missing key `{key}`"):
-        P.convert_llava_more(broken, fake.clip_path, image_token_id=2)
+    with pytest.raises(PM.CheckpointError, match=f"missing key `{key}`"):
+        PM.convert_llava_more(broken, fake.clip_path, image_token_id=2)
 
 
 def test_misshapen_key_is_named(fake, tmp_path):
     key = "model.mm_projector.2.weight"
     broken = _edit(fake.path, tmp_path / "broken", key, torch.zeros(32, 33))
     with pytest.raises(
-        P.CheckpointError,
+        PM.CheckpointError,
         match=r"key `model.mm_projector.2.weight` has shape \(32, 33\); expected "
         r"\(32, 32\)",
     ):
-        P.convert_llava_more(broken, fake.clip_path, image_token_id=2)
+        PM.convert_llava_more(broken, fake.clip_path, image_token_id=2)
 
 
 def test_unknown_key_and_bad_config_are_named(fake, tmp_path):
@@ -148,19 +153,19 @@ def test_unknown_key_and_bad_config_are_named(fake, tmp_path):
     index = json.loads((broken / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.mm_projector.1.weight"] = "extra.safetensors"
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(P.CheckpointError, match=r"key `model\.mm_projector\.1\.weight` has no place"):
-        P.convert_llava_more(broken, fake.clip_path, image_token_id=2)
+    with pytest.raises(PM.CheckpointError, match=r"key `model\.mm_projector\.1\.weight` has no place"):
+        PM.convert_llava_more(broken, fake.clip_path, image_token_id=2)
     cfg_dir = shutil.copytree(fake.path, tmp_path / "cfg")
     cfg = json.loads((cfg_dir / "config.json").read_text())
     cfg["mm_projector_type"] = "linear"
     (cfg_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(P.CheckpointError, match="field `mm_projector_type` = 'linear'"):
-        P.convert_llava_more(cfg_dir, fake.clip_path, image_token_id=2)
+    with pytest.raises(PM.CheckpointError, match="field `mm_projector_type` = 'linear'"):
+        PM.convert_llava_more(cfg_dir, fake.clip_path, image_token_id=2)
 
 
 def test_prompt_follows_llava_more_llama_3_1(vlm, batch):
     text = vlm.prompt("Is the cat left of the dog?")
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + P.LLAVA_MORE_SYSTEM)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + PM.LLAVA_MORE_SYSTEM)
     assert "<|start_header_id|>user<|end_header_id|>\n\n<image>\nIs the cat left of the dog?<|eot_id|>" in text
     assert text.endswith("<|eot_id|>"), "LLaVA-MORE's llama_3_1 conversation adds no assistant header"
     ids = batch.input_ids_bs[0, : int(batch.lengths_b[0])].tolist()
@@ -173,19 +178,19 @@ def test_prompt_follows_llava_more_llama_3_1(vlm, batch):
 
 
 def test_pad_preprocessing():
-    pre = P.PadPreprocess(size=28)
-    fill = tuple(int(m * 255) for m in P.OPENAI_CLIP_MEAN)
+    pre = PM.PadPreprocess(size=28)
+    fill = tuple(int(m * 255) for m in PM.OPENAI_CLIP_MEAN)
     assert fill == (122, 116, 104)
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))  # 40 wide, 30 high
-    square = np.asarray(P.expand_to_square(img, fill))
+    square = np.asarray(PM.expand_to_square(img, fill))
     assert square.shape == (40, 40, 3)
     assert (square[:5] == fill).all() and (square[35:] == fill).all()
     assert (square[5:35] == np.asarray(img)).all()
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     hf = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    expected = hf(P.expand_to_square(img, fill), return_tensors="pt")["pixel_values"]
+    expected = hf(PM.expand_to_square(img, fill), return_tensors="pt")["pixel_values"]
     got = pre([img])
     assert got.shape == (1, 3, 28, 28)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -201,22 +206,22 @@ def test_paper_model_runs_through_the_adapter(vlm, batch):
             output_hidden_states=True,
         ).hidden_states
     real = batch.attention_mask_bs
-    torch.testing.assert_close(resid[A.resid_name(0)][real], hidden[1][real], rtol=0, atol=1e-6)
+    torch.testing.assert_close(resid[resid_name(0)][real], hidden[1][real], rtol=0, atol=1e-6)
     run = A.capture(vlm, batch, resid_layers=[1], z_layers=[0, 1], grad=True)
-    assert run.z[A.z_name(1)].shape == (*batch.input_ids_bs.shape, 4, 8)
-    metric = run.resid[A.resid_name(1)][batch.post_image_bs].sum()
-    grads = torch.autograd.grad(metric, [run.z[A.z_name(0)], run.z[A.z_name(1)]])
+    assert run.z[z_name(1)].shape == (*batch.input_ids_bs.shape, 4, 8)
+    metric = run.resid[resid_name(1)][batch.post_image_bs].sum()
+    grads = torch.autograd.grad(metric, [run.z[z_name(0)], run.z[z_name(1)]])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     mean_d = A.image_embeddings(vlm, batch.pixel_values_bcyx).mean((0, 1))
     with A.replace_image_embeddings(vlm, mean_d):
-        corrupt = A.resid_stream(vlm, batch, layers=[1])[A.resid_name(1)]
-    diff_bs = (corrupt - resid[A.resid_name(1)]).norm(dim=-1)
+        corrupt = A.resid_stream(vlm, batch, layers=[1])[resid_name(1)]
+    diff_bs = (corrupt - resid[resid_name(1)]).norm(dim=-1)
     first = int(batch.image_mask_bs[0].nonzero()[0])
     assert diff_bs[:, :first].max() < 1e-5 and diff_bs[0, first : int(batch.lengths_b[0])].min() > 1e-4
     text = A.prepare_text(vlm, ["A cat on a mat."], ["Where is the cat?"])
     assert vlm.lm_tokenizer.decode(text.input_ids_bs[0]).count("Caption: A cat on a mat.\nInstruction: Where is") == 1
     assert int(text.bos_bs.sum()) == 1 and (text.input_ids_bs[0] == vlm.lm_tokenizer.bos_token_id).sum() == 1
-    assert A.resid_stream(vlm, text)[A.resid_name(1)].shape == (1, int(text.lengths_b[0]), 32)
+    assert A.resid_stream(vlm, text)[resid_name(1)].shape == (1, int(text.lengths_b[0]), 32)
 
 
 def test_jumprelu_to_topk(tmp_path):
@@ -226,7 +231,7 @@ def test_jumprelu_to_topk(tmp_path):
     assert {p.name for p in path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}
     jump = SAE.load_from_disk(path)
     assert isinstance(jump, JumpReLUSAE)
-    topk = P.jumprelu_to_topk(jump, k=8)
+    topk = PM.jumprelu_to_topk(jump, k=8)
     assert isinstance(topk, TopKSAE) and topk.cfg.k == 8 and topk.cfg.architecture() == "topk"
     assert topk.cfg.apply_b_dec_to_input and topk.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     assert set(topk.state_dict()) == {"W_enc", "b_enc", "W_dec", "b_dec"}
@@ -246,49 +251,49 @@ def test_jumprelu_to_topk(tmp_path):
     assert isinstance(again, TopKSAE) and again.cfg.k == 8
     torch.testing.assert_close(again.encode(x), z, rtol=0, atol=0)
     with pytest.raises(ValueError, match="k = 200"):
-        P.jumprelu_to_topk(jump, k=200)
+        PM.jumprelu_to_topk(jump, k=200)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "disk"])
 def test_vqav2_loader(tmp_path, fmt):
     path = fakes.write_vqav2(tmp_path / "vqa", n=12, fmt=fmt)
-    ds = P.load_vqav2(path, rows=range(4, 10))
+    ds = PD.load_vqav2(path, rows=range(4, 10))
     assert len(ds) == 6 and ds[0]["question_id"] == 1004 and isinstance(ds[0]["image"], Image.Image)
-    P.load_vqav2(path, columns=P.VQA_PROBING_COLUMNS)
-    with pytest.raises(P.DatasetSchemaError, match=r"rows 0\.\.49999 requested, only 12 rows"):
-        P.load_vqav2(path, rows=P.VQA_ADAPTATION_ROWS)
+    PD.load_vqav2(path, columns=PD.VQA_PROBING_COLUMNS)
+    with pytest.raises(PD.DatasetSchemaError, match=r"rows 0\.\.49999 requested, only 12 rows"):
+        PD.load_vqav2(path, rows=PD.VQA_ADAPTATION_ROWS)
     broken = fakes.write_vqav2(tmp_path / "broken", n=4, fmt=fmt, drop="question")
-    with pytest.raises(P.DatasetSchemaError, match=f"dataset {broken}: missing column 'question'"):
-        P.load_vqav2(broken)
+    with pytest.raises(PD.DatasetSchemaError, match=f"dataset {broken}: missing column 'question'"):
+        PD.load_vqav2(broken)
 
 
 def test_vsr_loader_and_images(tmp_path):
     path = fakes.write_vsr(tmp_path / "vsr", tmp_path / "coco")
-    ds = P.load_vsr(path, split="dev")
-    assert len(ds) == 6 and set(P.VSR_BENCHMARK_COLUMNS) <= set(ds.column_names)
-    image = P.vsr_image(ds[0], tmp_path / "coco")
+    ds = PD.load_vsr(path, split="dev")
+    assert len(ds) == 6 and set(PD.VSR_BENCHMARK_COLUMNS) <= set(ds.column_names)
+    image = PD.vsr_image(ds[0], tmp_path / "coco")
     assert image.size in {(40, 30), (30, 40), (32, 32)}
     with pytest.raises(FileNotFoundError, match="pass image_root"):
-        P.vsr_image(ds[0], None)
+        PD.vsr_image(ds[0], None)
     broken = fakes.write_vsr(tmp_path / "vsr_broken", tmp_path / "coco2", drop="relation")
-    with pytest.raises(P.DatasetSchemaError, match="missing column 'relation'"):
-        P.load_vsr(broken, split="test")
+    with pytest.raises(PD.DatasetSchemaError, match="missing column 'relation'"):
+        PD.load_vsr(broken, split="test")
 
 
 def test_coco_captions_for_the_text_stream(tmp_path):
-    vqa = P.load_vqav2(fakes.write_vqav2(tmp_path / "vqa", n=6), columns=P.VQA_TEXT_STREAM_COLUMNS)
-    captions = P.load_coco_captions(fakes.write_coco_captions(tmp_path / "captions.json", [100, 101, 102]))
+    vqa = PD.load_vqav2(fakes.write_vqav2(tmp_path / "vqa", n=6), columns=PD.VQA_TEXT_STREAM_COLUMNS)
+    captions = PD.load_coco_captions(fakes.write_coco_captions(tmp_path / "captions.json", [100, 101, 102]))
     assert captions[101] == "caption 0 of image 101."  # the first caption, stripped
-    caps, questions = P.text_stream_pairs(vqa, captions)
+    caps, questions = PD.text_stream_pairs(vqa, captions)
     assert caps[:3] == ["caption 0 of image 100."] * 2 + ["caption 0 of image 101."] and questions == vqa["question"]
-    with pytest.raises(P.DatasetSchemaError, match="image_id 102 has no COCO caption"):
-        P.text_stream_pairs(vqa, {k: v for k, v in captions.items() if k != 102})
+    with pytest.raises(PD.DatasetSchemaError, match="image_id 102 has no COCO caption"):
+        PD.text_stream_pairs(vqa, {k: v for k, v in captions.items() if k != 102})
 
 
 def test_vqa_keyword_split():
-    assert P.is_spatial_question("What is to the left of the dog?")
-    assert P.is_spatial_question("Is the cat on top of the laptop?")
-    assert P.is_spatial_question("What is next to the bus?")
-    assert not P.is_spatial_question("What color is the bus?")
-    assert not P.is_spatial_question("How many people are there?")
-    assert not P.is_spatial_question("Is this a leftover pizza?"), "whole words only"
+    assert PD.is_spatial_question("What is to the left of the dog?")
+    assert PD.is_spatial_question("Is the cat on top of the laptop?")
+    assert PD.is_spatial_question("What is next to the bus?")
+    assert not PD.is_spatial_question("What color is the bus?")
+    assert not PD.is_spatial_question("How many people are there?")
+    assert not PD.is_spatial_question("Is this a leftover pizza?"), "whole words only"

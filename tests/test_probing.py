@@ -1,5 +1,7 @@
-"""lib/probing.py, part 2: top samples, the lexical filter, ground-truth attributes, AUROC, the ground-truth check,
-auto-interp and the panels, on tiny random LLaVAs (tests/fakes.py), synthetic encoders and hand-made tables."""
+"""Spatial probing, part 2 (lib/kernels/probing.py, spatial_stats.py, lexical.py, ground_truth.py, autointerp.py,
+llm_client.py and lib/figures/probing.py): top samples, the lexical filter, ground-truth attributes, AUROC, the
+ground-truth check, auto-interp and the panels, on tiny random LLaVAs (tests/fakes.py), synthetic encoders and
+hand-made tables."""
 
 import base64
 import io
@@ -17,8 +19,14 @@ from PIL import Image
 from sklearn.metrics import f1_score as sk_f1
 from sklearn.metrics import roc_auc_score
 
+from lib.figures import probing as FG
 from lib.kernels import adapter as A
+from lib.kernels import autointerp as AI
+from lib.kernels import ground_truth as GT
+from lib.kernels import lexical as LX
+from lib.kernels import llm_client as LLM
 from lib.kernels import probing as P
+from lib.kernels import spatial_stats as SS
 from lib.sources import world as W
 
 matplotlib.use("Agg")
@@ -162,7 +170,7 @@ def test_lexical_filter_drops_word_readers_keeps_image_readers(identity_vlm, wor
     assert len(with_left) >= 3, "the fixture needs questions that say 'left'"
     samples = P.SampleSet.from_world(qs)
     candidates = pd.DataFrame({"layer": [1] * 5, "feature": [0, 1, 2, 3, 4]})
-    res = P.lexical_filter(vlm, {1: encode}, candidates, samples, top_n=3, threshold=0.01, batch_size=4)
+    res = LX.lexical_filter(vlm, {1: encode}, candidates, samples, top_n=3, threshold=0.01, batch_size=4)
     t = res.table.set_index("feature")
     # Under its own question, each of features 0-2 fires on "left": its top samples are questions saying "left".
     for f in (0, 1, 2):
@@ -179,19 +187,19 @@ def test_lexical_filter_drops_word_readers_keeps_image_readers(identity_vlm, wor
     assert (m["all"][(1, 0)] == 0).all() and (m["image"][(1, 2)] == 0).all()
     torch.testing.assert_close(m["all"][(1, 2)], torch.full((3, len(W.GENERIC_PROMPTS)), 0.5))
     assert (m["image"][(1, 1)] > 0.01).all()
-    image_only = P.lexical_filter(
+    image_only = LX.lexical_filter(
         vlm, {1: encode}, candidates, samples, top_n=3, reading="image", top=res.top, batch_size=4
     )
     assert image_only.table.lexical.tolist() == [False, True, False, False, False]
     # The strict rule (every prompt, not the best one per sample) drops the feature that needs "describe".
-    strict = P.lexical_filter(vlm, {1: encode}, candidates, samples, top_n=3, prompt_rule="every", top=res.top)
+    strict = LX.lexical_filter(vlm, {1: encode}, candidates, samples, top_n=3, prompt_rule="every", top=res.top)
     assert strict.table.lexical.tolist() == [False, True, True, False, False]
 
 
 def test_lexical_prompt_rules():
     # The authors take the best prompt per top sample; the strict rule asks every prompt.
-    best = P.lexical_survivors(torch.tensor([[0.5, 0.0], [0.0, 0.2]]).amax(1, keepdim=True), 0.01)
-    every = P.lexical_survivors(torch.tensor([[0.5, 0.0], [0.0, 0.2]]), 0.01)
+    best = LX.lexical_survivors(torch.tensor([[0.5, 0.0], [0.0, 0.2]]).amax(1, keepdim=True), 0.01)
+    every = LX.lexical_survivors(torch.tensor([[0.5, 0.0], [0.0, 0.2]]), 0.01)
     assert best and not every
 
 
@@ -205,9 +213,9 @@ def test_final_set_and_layer_counts():
             "lexical": [True, np.nan, False, True, True],
         }
     )
-    t["final"] = P.final_set(t)
+    t["final"] = SS.final_set(t)
     assert t.final.tolist() == [True, False, False, False, True]
-    counts = P.per_layer_counts(t)
+    counts = SS.per_layer_counts(t)
     assert counts.loc[0].tolist() == [2, 1, 1, 1] and counts.loc[1].tolist() == [2, 3, 2, 1]
 
 
@@ -229,7 +237,7 @@ def test_scene_attributes_agree_with_holds_on_hand_made_scenes():
         W.Scene((c, d), 16),
         W.Scene((e, c, d), 16),
     ]
-    df = P.scene_attributes(scenes)
+    df = GT.scene_attributes(scenes)
     # Scene 0 in reading order: first = a (row 0), second = b (row 2).
     for r in W.RELATIONS[:3]:
         assert df.loc[0, f"relation:{r}"] == W.holds(a, b, r)
@@ -250,7 +258,7 @@ def test_scene_attributes_agree_with_holds_on_hand_made_scenes():
 
 def test_sample_attributes_question_columns_agree_with_answers():
     samples = W.make_samples(0, "train", 36, ("relation", "what_rel", "color"), 16)
-    df = P.sample_attributes(samples, question=True)
+    df = GT.sample_attributes(samples, question=True)
     for i, s in enumerate(samples):
         for r in W.RELATIONS:
             assert df.loc[i, f"question:names {r}"] == (s.relation == r)
@@ -274,7 +282,7 @@ def test_auroc_matches_sklearn():
     attrs.loc[rng.random(n) < 0.5, ["relation:left of", "relation:above"]] = pd.NA
     acts[:, 2] += 3 * attrs["color:red"].to_numpy()  # one informative feature
     keys = [(3, f) for f in range(6)]
-    table = P.auroc_table(torch.tensor(acts), attrs, keys, chunk=4)  # chunked over features
+    table = GT.auroc_table(torch.tensor(acts), attrs, keys, chunk=4)  # chunked over features
     for col in ["relation:left of", "relation:above", "color:red"]:
         valid = attrs[col].notna().to_numpy()
         y = attrs[col].fillna(False).to_numpy(bool)[valid]
@@ -305,15 +313,15 @@ def test_relation_probe_reads_a_relation_no_single_feature_carries():
     )
     attrs.loc[:19, "relation:left of"] = pd.NA
     joint = np.stack([a, b], 1)
-    single = P.auroc_table(torch.tensor(joint), attrs[["relation:left of"]])
+    single = GT.auroc_table(torch.tensor(joint), attrs[["relation:left of"]])
     assert single["relation:left of"].max() < 0.8
-    probe = P.relation_probe({"joint": joint, "noise": rng.normal(size=(n, 2))}, attrs, seed=0)
+    probe = GT.relation_probe({"joint": joint, "noise": rng.normal(size=(n, 2))}, attrs, seed=0)
     assert list(probe.columns) == ["relation:left of", "relation:same row"]
     assert probe.loc["joint", "relation:left of"] > 0.98
     assert abs(probe.loc["noise", "relation:left of"] - 0.5) < 0.1
     assert probe["relation:same row"].isna().all()
     # The <NA> rows are left out: the same probe on the defined rows alone gives the same folds and the same AUROC.
-    defined = P.relation_probe({"joint": joint[20:]}, attrs.iloc[20:].reset_index(drop=True), seed=0)
+    defined = GT.relation_probe({"joint": joint[20:]}, attrs.iloc[20:].reset_index(drop=True), seed=0)
     assert defined.loc["joint", "relation:left of"] == probe.loc["joint", "relation:left of"]
 
 
@@ -322,7 +330,7 @@ def test_feature_activations_under_prompts_equal_direct_computation(vlm, world_s
     encoders = {0: topk_encoder(32, 16, 4, seed=3), 1: topk_encoder(32, 16, 4, seed=4)}
     keys = P.all_features([0, 1], 16)
     prompts = W.GENERIC_PROMPTS[:2]
-    got = P.feature_activations_under_prompts(vlm, encoders, keys, samples, prompts, batch_size=2)
+    got = GT.feature_activations_under_prompts(vlm, encoders, keys, samples, prompts, batch_size=2)
     expected = torch.zeros(5, len(keys))
     for prompt in prompts:
         batch = A.prepare(vlm, [samples.images[i] for i in range(5)], [prompt] * 5)
@@ -342,7 +350,7 @@ def test_feature_activations_under_prompts_equal_direct_computation(vlm, world_s
 
 
 def test_ground_truth_check_missed_reasons_on_hand_made_table():
-    th = P.Thresholds(eps=0.01, cos_max=0.2, min_odds=3.0, min_delta=0.005)
+    th = GT.Thresholds(eps=0.01, cos_max=0.2, min_odds=3.0, min_delta=0.005)
     rows = [
         # layer, feature, E_v, cos, OR, delta, lexical, best relation AUROC, expected reason
         (0, 0, 0.50, 0.10, 5.0, 0.020, True, 0.95, None),  # final
@@ -366,7 +374,7 @@ def test_ground_truth_check_missed_reasons_on_hand_made_table():
     auroc = hand[["layer", "feature"]].assign(
         **{"relation:left of": hand.auroc, "relation:above": 1 - hand.auroc, "best_relation_auroc": hand.auroc}
     )
-    check = P.ground_truth_check(table, auroc, th, n_random=100, seed=0, min_auroc=0.9)
+    check = GT.ground_truth_check(table, auroc, th, n_random=100, seed=0, min_auroc=0.9)
     assert check.per_feature.dropped_by.tolist() == hand.why.tolist()
     missed = check.missed.set_index(["layer", "feature"]).dropped_by
     assert missed.to_dict() == {
@@ -393,8 +401,8 @@ def test_ground_truth_check_missed_reasons_on_hand_made_table():
     assert s.loc["random adapted", "mean"] == pytest.approx(adapted_rest.auroc.mean())
     assert s.loc["random", "n"] == 9 and s.loc["random", "mean"] == pytest.approx(hand.auroc[hand.why.notna()].mean())
     # With fewer random features asked for than there are, a fixed seed draws the same ones every time.
-    a = P.ground_truth_check(table, auroc, th, n_random=3, seed=1)
-    b = P.ground_truth_check(table, auroc, th, n_random=3, seed=1)
+    a = GT.ground_truth_check(table, auroc, th, n_random=3, seed=1)
+    b = GT.ground_truth_check(table, auroc, th, n_random=3, seed=1)
     assert a.summary.loc[2, "n"] == 3 and a.summary.equals(b.summary)
 
 
@@ -414,9 +422,9 @@ def test_ground_truth_check_refuses_flags_that_disagree_with_thresholds():
     )
     auroc = pd.DataFrame({"layer": [0], "feature": [0], "relation:above": [0.9], "best_relation_auroc": [0.9]})
     with pytest.raises(ValueError, match="`adapted` disagrees"):
-        P.ground_truth_check(table, auroc, P.Thresholds(0.01, 0.2, 3.0, 0.005))
+        GT.ground_truth_check(table, auroc, GT.Thresholds(0.01, 0.2, 3.0, 0.005))
     with pytest.raises(ValueError, match="lacks the columns"):
-        P.ground_truth_check(table.drop(columns="lexical"), auroc, P.Thresholds(0.01, 0.2, 3.0, 0.005))
+        GT.ground_truth_check(table.drop(columns="lexical"), auroc, GT.Thresholds(0.01, 0.2, 3.0, 0.005))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,12 +434,12 @@ def test_ground_truth_check_refuses_flags_that_disagree_with_thresholds():
 def test_f1_on_a_hand_made_case():
     attrs = pd.DataFrame({"color:red": [True, True, True, True, False, True, False, False, False, False]})
     # held-out positives 0-4 (four red), random negatives 5-9 (one red): TP 4, FN 1, FP 1, TN 4.
-    s = P.score_description(attrs, "color:red", [0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+    s = AI.score_description(attrs, "color:red", [0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
     assert (s.tp, s.fn, s.fp, s.tn) == (4, 1, 1, 4)
     assert s.f1 == pytest.approx(2 * 4 / (2 * 4 + 1 + 1)) == 0.8
     pred, label = attrs["color:red"].to_numpy(), np.r_[np.ones(5), np.zeros(5)]
     assert s.f1 == pytest.approx(sk_f1(label, pred))
-    assert P.f1_score([0, 0], [0, 0]) == 0.0
+    assert AI.f1_score([0, 0], [0, 0]) == 0.0
 
 
 def test_describe_prefers_the_attribute_rare_outside_the_top_samples():
@@ -444,18 +452,18 @@ def test_describe_prefers_the_attribute_rare_outside_the_top_samples():
         }
     )
     top = [0, 4, 8, 12, 16, 2, 6, 20, 24, 28]  # description samples 0-16 are all "left of" (and two-object)
-    d = P.describe_feature(attrs, top, n_heldout=5)
+    d = AI.describe_feature(attrs, top, n_heldout=5)
     assert d.described == top[:5] and d.heldout == top[5:]
     assert d.attribute == "relation:left of" and d.precision == 1.0 and d.base_rate == 0.25
     assert d.expected_f1 == pytest.approx(2 / 2.25)
     assert d.text.startswith("fires on two-object scenes where the first object")
-    neg = P.random_negatives(n, top, 5, seed=[0, 1, 2])
+    neg = AI.random_negatives(n, top, 5, seed=[0, 1, 2])
     assert len(set(neg)) == 5 and not set(neg) & set(top)
-    s = P.score_description(attrs, d.attribute, d.heldout, neg)
+    s = AI.score_description(attrs, d.attribute, d.heldout, neg)
     # held-out: 2 and 6 are two-object but not "left of" (2 % 4, 6 % 4 != 0); 20, 24, 28 are.
     assert (s.tp, s.fn) == (3, 2)
     with pytest.raises(ValueError, match="more than n_heldout"):
-        P.describe_feature(attrs, top[:5], n_heldout=5)
+        AI.describe_feature(attrs, top[:5], n_heldout=5)
 
 
 def test_auto_interp_table():
@@ -467,12 +475,12 @@ def test_auto_interp_table():
         torch.ones(2, 10),
         "text",
     )
-    out = P.auto_interp(top, attrs, n_heldout=5, n_negatives=5, seed=0)
+    out = AI.auto_interp(top, attrs, n_heldout=5, n_negatives=5, seed=0)
     assert out.loc[0, "attribute"] == "shape:circle" and out.loc[0, "description"] == "fires on images with a circle"
     assert out.loc[0, "tp"] == 5 and out.loc[0, "heldout"] == [3, 4, 5, 6, 7]
     assert np.isnan(out.loc[1, "f1"]) and out.loc[1, "n_top"] == 4  # too few top samples to hold five out
-    assert P.auto_interp(top, attrs, features=[]).columns.tolist() == out.columns.tolist()
-    again = P.auto_interp(top, attrs, features=[(0, 1)], seed=0)
+    assert AI.auto_interp(top, attrs, features=[]).columns.tolist() == out.columns.tolist()
+    again = AI.auto_interp(top, attrs, features=[(0, 1)], seed=0)
     assert again.loc[0, "negatives"] == out.loc[0, "negatives"], "negatives depend on the feature, not the batch"
 
 
@@ -499,7 +507,7 @@ def test_feature_trace_and_panel(vlm, world_samples):
     patch = trace.patch_acts_yx.clone()
     patch[0, 0] = 0.0
     patch[5, 5] = 2 * float(patch.max()) + 1  # the brightest patch
-    P.draw_feature_panel(ax_img, ax_txt, trace.image, patch, tokens, acts, title="L1 F7")
+    FG.draw_feature_panel(ax_img, ax_txt, trace.image, patch.numpy(), tokens, acts, title="L1 F7")
     overlay = ax_img.images[1].get_array()
     assert overlay.shape == (6, 6, 4) and overlay[5, 5, 3] == pytest.approx(0.75) and overlay[0, 0, 3] == 0
     assert len(ax_img.patches) == int((patch > 0).sum())
@@ -522,19 +530,21 @@ def test_feature_trace_and_panel(vlm, world_samples):
 
 
 def test_llm_explainer_is_opt_in():
-    assert P.LLMConfig.from_env({}) is None
-    assert P.LLMConfig.from_env({"OPENAI_API_KEY": "k"}) is None, "a key alone does not opt in"
+    assert LLM.LLMConfig.from_env({}) is None
+    assert LLM.LLMConfig.from_env({"OPENAI_API_KEY": "k"}) is None, "a key alone does not opt in"
     with pytest.raises(ValueError, match="BOOK_LLM_API_KEY"):
-        P.LLMConfig.from_env({"BOOK_LLM": "1"})
-    cfg = P.LLMConfig.from_env({"BOOK_LLM": "1", "OPENAI_API_KEY": "k", "BOOK_LLM_BASE_URL": "http://x/v1/"})
-    assert cfg == P.LLMConfig("http://x/v1", "gpt-4o-mini", "k")
+        LLM.LLMConfig.from_env({"BOOK_LLM": "1"})
+    cfg = LLM.LLMConfig.from_env({"BOOK_LLM": "1", "OPENAI_API_KEY": "k", "BOOK_LLM_BASE_URL": "http://x/v1/"})
+    assert cfg == LLM.LLMConfig("http://x/v1", "gpt-4o-mini", "k")
 
 
 def test_llm_explainer_and_classifier_requests():
-    cfg = P.LLMConfig("http://llm.local/v1", "some-model", "secret")
+    cfg = LLM.LLMConfig("http://llm.local/v1", "some-model", "secret")
     img = np.zeros((48, 48, 3), np.uint8)
     img[:16, :16] = 255
-    examples = [P.Example(img, P.mark_tokens(["is", "<image>", "left"], torch.tensor([0.0, float("nan"), 1.0])))] * 2
+    examples = [
+        LLM.Example(img, LLM.mark_tokens(["is", "<image>", "left"], torch.tensor([0.0, float("nan"), 1.0])))
+    ] * 2
     assert examples[0].text == "is <image> [[left]]"
     sent = []
 
@@ -543,8 +553,8 @@ def test_llm_explainer_and_classifier_requests():
         content = {"description": "an object in the top left"} if len(sent) == 1 else {"classifications": [1, 0]}
         return {"choices": [{"message": {"content": json.dumps(content)}}]}
 
-    assert P.llm_explainer(examples, cfg, transport) == "an object in the top left"
-    assert P.llm_classifier("an object in the top left", examples, cfg, transport) == [1, 0]
+    assert LLM.llm_explainer(examples, cfg, transport) == "an object in the top left"
+    assert LLM.llm_classifier("an object in the top left", examples, cfg, transport) == [1, 0]
     url, headers, payload = sent[0]
     assert url == "http://llm.local/v1/chat/completions" and headers["Authorization"] == "Bearer secret"
     assert payload["model"] == "some-model" and payload["response_format"] == {"type": "json_object"}
@@ -558,9 +568,9 @@ def test_llm_explainer_and_classifier_requests():
         return {"choices": [{"message": {"content": json.dumps({"classifications": [1]})}}]}
 
     with pytest.raises(ValueError, match="classified 1 of 2"):
-        P.llm_classifier("x", examples, cfg, bad)
+        LLM.llm_classifier("x", examples, cfg, bad)
     with pytest.raises(ValueError, match="not a chat completion"):
-        P.llm_explainer(examples, cfg, lambda *a: {"error": "quota"})
+        LLM.llm_explainer(examples, cfg, lambda *a: {"error": "quota"})
 
 
 def test_sample_set_is_lazy_and_checked(world_samples):
@@ -576,7 +586,7 @@ def test_firing_counts_equal_direct_counts(vlm, world_samples):
     enc = {0: topk_encoder(32, 16, 4, seed=0), 1: topk_encoder(32, 16, 4, seed=1)}
     S = P.SampleSet.from_world(world_samples)
     spatial = np.array([s.spatial for s in world_samples])
-    counts = P.firing_counts(vlm, enc, S, spatial, batch_size=4)
+    counts = SS.firing_counts(vlm, enc, S, spatial, batch_size=4)
     batch = A.prepare(vlm, list(S.images), list(S.questions))
     resid = A.resid_stream(vlm, batch, [0, 1])
     sp_bs = torch.as_tensor(spatial)[:, None].expand_as(batch.text_bs)
@@ -585,7 +595,7 @@ def test_firing_counts_equal_direct_counts(vlm, world_samples):
         sp_n = sp_bs[batch.text_bs]
         assert torch.equal(counts[layer].c_sp, fires[sp_n].sum(0)) and counts[layer].n_sp == int(sp_n.sum())
         assert torch.equal(counts[layer].c_gen, fires[~sp_n].sum(0)) and counts[layer].n_gen == int((~sp_n).sum())
-    table = P.spatial_table(counts)
+    table = SS.spatial_table(counts)
     assert len(table) == 32 and table.layer.tolist() == [0] * 16 + [1] * 16
     assert table.p_adj.between(0, 1).all()
 

@@ -1,4 +1,4 @@
-"""Tests of lib/sae.py on small random tensors (seconds, no network)."""
+"""Tests of lib/kernels/sae.py and lib/kernels/sae_training.py on small random tensors (seconds, no network)."""
 
 from __future__ import annotations
 
@@ -8,31 +8,34 @@ import pytest
 import torch
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
 
+from lib import names
+from lib.kernels.activations import ActBatch
 from lib.kernels.sae import (
     ADAPTATION_VARIANTS,
     FULL,
     IMAGE_ONLY,
     RANDOM,
     TEXT_ONLY,
-    ActBatch,
-    ReconAccumulator,
-    ReconStats,
     SAEBank,
     SAESpec,
+    Variant,
+    load_saes,
+    topk_indices,
+)
+from lib.kernels.sae_training import (
+    ReconAccumulator,
+    ReconStats,
     StreamingTrainer,
     TrainConfig,
-    Variant,
     batch_fvu,
     estimate_act_scale,
     evaluate_bank,
     evaluate_sae,
     fit,
     fvu_table,
-    load_saes,
     token_weights_vn,
-    topk_indices,
 )
-from lib.sources.paper import jumprelu_to_topk
+from lib.sources.paper_models import jumprelu_to_topk
 
 D, F_, K = 12, 48, 4
 SPLITS_FOR_TEST = ("full", "image", "text")
@@ -94,6 +97,15 @@ def test_base_sae_with_non_unit_decoder_is_folded_exactly():
         torch.testing.assert_close(bank(x_nd[None]).x_hat_lnvd[0, :, 0], sae(x_nd), rtol=1e-5, atol=1e-5)
 
 
+def test_file_names_are_saelens_own():
+    from sae_lens import constants
+
+    assert (names.SAE_CFG_FILENAME, names.SAE_WEIGHTS_FILENAME) == (
+        constants.SAE_CFG_FILENAME,
+        constants.SAE_WEIGHTS_FILENAME,
+    )
+
+
 def test_saved_saes_load_with_saelens_and_encode_the_same(tmp_path):
     scale = torch.tensor([[0.5, 3.0], [1.0, 7.0]])  # exported SAEs must read raw activations whatever the scale
     bank = SAEBank.create(
@@ -117,6 +129,8 @@ def test_saved_saes_load_with_saelens_and_encode_the_same(tmp_path):
                 SAE.load_from_disk(tmp_path / f"L{layer}" / variant), TopKSAE
             )
             assert loaded.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+            files = {f.name for f in (tmp_path / f"L{layer}" / variant).iterdir()}
+            assert files == {names.SAE_CFG_FILENAME, names.SAE_WEIGHTS_FILENAME}
             assert loaded.cfg.k == K
             with torch.no_grad():
                 z = loaded.encode(x_lnd[li])
@@ -355,7 +369,8 @@ def test_evaluation_counts_dead_features_and_matches_saelens_eval():
 
 
 def test_topk_rebuild_copies_weights_and_drops_threshold():
-    # the rebuild lives in lib/paper.py (jumprelu_to_topk); this checks it on a SAE without b_dec on the input
+    # the rebuild lives in lib/sources/paper_models.py (jumprelu_to_topk); this checks it on a SAE without b_dec on
+    # the input
     gen = torch.Generator().manual_seed(0)
     jr = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F_, apply_b_dec_to_input=False))
     state = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lib.kernels import diffing, probing
+from lib.kernels import diffing, lexical, spatial_stats
 
 
 def _table():
@@ -65,6 +65,11 @@ def test_feature_stats_visual_energy_matches_direct_computation():
     direct = (z[img] ** 2).sum(0) / ((z**2).sum(0))
     np.testing.assert_allclose(frame.visual_energy, direct.numpy(), rtol=1e-6)
     np.testing.assert_allclose(frame.freq_img, (z[img] > 0).float().mean(0).numpy(), rtol=1e-6)
+    # the raw sums in the table give back every derived column
+    assert (frame.n_tokens_img == int(img.sum())).all() and (frame.n_tokens_txt == int((~img).sum())).all()
+    np.testing.assert_array_equal(frame.visual_energy, frame.sum_sq_img / (frame.sum_sq_img + frame.sum_sq_txt))
+    np.testing.assert_array_equal(frame.freq_txt, frame.n_fire_txt / frame.n_tokens_txt)
+    np.testing.assert_array_equal(frame.mean_abs_img, frame.sum_abs_img / frame.n_tokens_img)
 
 
 def test_dead_feature_has_zero_energy_not_nan():
@@ -86,7 +91,7 @@ def test_weight_diff_identical_and_rotated():
 
 def test_fisher_matches_scipy_on_hand_made_counts():
     c_sp, c_gen, n_sp, n_gen = np.array([30, 5, 0, 12]), np.array([3, 5, 0, 0]), 100, 200
-    t = probing.fisher_table(c_sp, n_sp, c_gen, n_gen)
+    t = spatial_stats.fisher_table(c_sp, n_sp, c_gen, n_gen)
     for i in range(3):
         if c_sp[i] == 0 and c_gen[i] == 0:
             continue
@@ -98,18 +103,18 @@ def test_fisher_matches_scipy_on_hand_made_counts():
     assert np.isinf(t.odds_ratio[3])
     np.testing.assert_allclose(t.p_adj, stats.false_discovery_control(t.p_value, method="bh"))
     assert t.delta_freq[0] == pytest.approx(0.30 - 0.015)
-    sel = probing.select_spatial(t, min_odds=3, min_delta=0.005)
+    sel = spatial_stats.select_spatial(t, min_odds=3, min_delta=0.005)
     assert sel.tolist() == [True, False, False, True]
 
 
 def test_firing_counts_stream():
     z = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 3.0]])
     sp = torch.tensor([True, False, True])
-    acc = probing.FiringCounts(2)
+    acc = spatial_stats.FiringCounts(2)
     acc.update(z, sp)
     assert acc.c_sp.tolist() == [2, 1] and acc.c_gen.tolist() == [0, 0] and (acc.n_sp, acc.n_gen) == (2, 1)
 
 
 def test_lexical_rule():
-    assert probing.lexical_survivors(torch.tensor([[0.5, 0.2], [0.3, 0.02]]), 0.01)
-    assert not probing.lexical_survivors(torch.tensor([[0.5, 0.2], [0.3, 0.0]]), 0.01)
+    assert lexical.lexical_survivors(torch.tensor([[0.5, 0.2], [0.3, 0.02]]), 0.01)
+    assert not lexical.lexical_survivors(torch.tensor([[0.5, 0.2], [0.3, 0.0]]), 0.01)

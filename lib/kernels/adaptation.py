@@ -1,12 +1,8 @@
-"""SAE adaptation (METHOD.md step 1): harvest activations, train base SAEs, adapt them, measure, plot.
+"""SAE adaptation (METHOD.md step 1): train base SAEs, adapt them, measure.
 
-lib/sae.py holds the SAEs, the trainer and the metrics; lib/adapter.py reads the models. This module joins them:
+lib/kernels/sae.py holds the SAEs, lib/kernels/sae_training.py the trainer and the metrics, lib/kernels/activations.py
+the activation batches one model forward gives. This module joins them:
 
-- `vlm_batches` / `lm_batches` turn (image, question) or (caption, question) pairs into `ActBatch`es. One model
-  forward per batch gives the residual stream after every requested block (`blocks.L.hook_resid_post`); each layer
-  is cut to its real, non-BOS tokens as soon as its block has run, so the padded residuals of all layers are never
-  held together and nothing is written to disk. The same batches serve every layer x variant SAE of a bank, so a
-  pass over the data costs one forward per batch, whatever the number of SAEs.
 - `train_base_saes`: one fresh TopK SAE per layer on the base LM's text stream (the stand-in for Llama Scope in the
   organism profiles), with its held-out FVU and dead fraction; `base_sae_sweep` compares widths and k.
 - `adapt_saes`: every layer's base SAE fine-tuned on the VLM stream in the four variants (`full`, `random`,
@@ -15,14 +11,13 @@ lib/sae.py holds the SAEs, the trainer and the metrics; lib/adapter.py reads the
 - `reconstruction_table` / `summary_table`: FVU by token split and normalised MSE, base vs adapted vs random, on the
   VLM stream and on the LM text stream (the paper's Table 1 and reconstruction-gap figure).
 - `norm_ratio`: mean residual norms of the two streams per layer, to say how activation scale is handled.
-- Plot helpers for the chapter; each returns its Figure.
 
-Choices: data is consumed in the order given (the caller shuffles; the profile fixes the seed); BOS is dropped where
-the tokenizer put one (`Batch.keep_bs`); activations are float32 on the model's device unless `device` says
-otherwise; SAEs read raw activations (no rescaling, lib.sae's default; `norm_ratio` reports what that means).
+The figures of these tables are lib/figures/saes.py. Choices: data is consumed in the order given (the caller
+shuffles; the profile fixes the seed); SAEs read raw activations (no rescaling, lib/kernels/sae.py's default;
+`norm_ratio` reports what that means).
 
 Shape key (suffixes of tensor names): l layer, n token (flattened over sequences), d model width, v variant,
-b sequence in a batch, s position in a sequence, p token split (full / image / text).
+p token split (full / image / text).
 """
 
 from __future__ import annotations
@@ -33,27 +28,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import matplotlib.pyplot as plt
-import matplotlib.ticker as mticker
-import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from sae_lens import SAE
 
 from lib.kernels import adapter as A
-from lib.kernels.sae import (
-    ADAPTATION_VARIANTS,
-    BASE,
-    SPLITS,
-    ActBatch,
+from lib.kernels.activations import ActBatch, Replay, check_layers, device_of, lm_batches, vlm_batches
+from lib.kernels.sae import ADAPTATION_VARIANTS, BASE, SAEBank, SAESpec, Variant
+from lib.kernels.sae_training import (
     ReconAccumulator,
     ReconStats,
-    SAEBank,
-    SAESpec,
     StreamingTrainer,
     TrainConfig,
-    Variant,
     fit,
     fvu_table,
 )
@@ -62,151 +48,8 @@ log = logging.getLogger(__name__)
 
 HELDOUT_CACHE_BYTES = 1 << 30  # held-out activations up to this size are harvested once and replayed from memory
 FRESH_SEED_OFFSET = 1_000_003  # adapt_saes: fresh variants never repeat the base SAEs' initial draw
-DEFAULT_TRAIN = TrainConfig()  # lr 2e-4, Adam, 2 threads (lib.sae)
+DEFAULT_TRAIN = TrainConfig()  # lr 2e-4, Adam, 2 threads (lib/kernels/sae_training.py)
 TABLE_COLUMNS = ("layer", "sae", "stream", "split", "fvu", "nmse", "n_tokens")
-# One colour per SAE across every figure of the chapter, so a reader can follow a variant from plot to plot.
-SAE_COLORS = {
-    "base": "#444444",
-    "full": "#1f77b4",
-    "random": "#999999",
-    "text-only": "#2ca02c",
-    "image-only": "#d62728",
-}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Activation batches: one forward, all layers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _layers(vlm: A.VLM, layers: Sequence[int] | None) -> tuple[int, ...]:
-    layers = tuple(range(vlm.n_layers)) if layers is None else tuple(int(x) for x in layers)
-    if not layers or len(set(layers)) != len(layers) or not all(0 <= x < vlm.n_layers for x in layers):
-        raise ValueError(f"layers = {list(layers)}: expected distinct layer numbers in 0..{vlm.n_layers - 1}")
-    return layers
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@torch.no_grad()
-def harvest(vlm: A.VLM, batch: A.Batch, layers: Sequence[int], device=None) -> ActBatch:
-    """The residual stream after each of `layers` on the real, non-BOS tokens of `batch`, from one forward.
-
-    Each layer is copied out of the padded (b, s, d) tensor as soon as its block has run (adapter's `on_layer`
-    streaming), so peak memory is one padded layer plus the (layers, tokens, d) result. Equivalent to
-    `ActBatch.from_padded(stacked residuals, batch.keep_bs, batch.image_mask_bs, drop_bos=False)`.
-    """
-    keep_bs = batch.keep_bs
-    device = keep_bs.device if device is None else torch.device(device)
-    rows = {A.resid_name(layer): li for li, layer in enumerate(layers)}
-    x_lnd = torch.empty(len(rows), int(keep_bs.sum()), vlm.d_model, dtype=torch.float32, device=device)
-    seen: list[str] = []
-
-    def on_layer(name: str, x_bsd: torch.Tensor) -> None:
-        assert x_bsd.shape[:2] == keep_bs.shape and x_bsd.shape[-1] == x_lnd.shape[-1], (
-            f"{name}: residual {tuple(x_bsd.shape)} does not fit batch {tuple(keep_bs.shape)} x d {x_lnd.shape[-1]}"
-        )
-        x_lnd[rows[name]] = x_bsd[keep_bs]  # the copy casts to float32 and moves to `device`
-        seen.append(name)
-
-    A.resid_stream(vlm, batch, list(layers), on_layer=on_layer)
-    assert sorted(seen) == sorted(rows), f"the forward produced {seen}, expected {sorted(rows)}"
-    return ActBatch(x_lnd, batch.image_mask_bs[keep_bs].to(device), n_sequences=keep_bs.shape[0], n_forwards=1)
-
-
-def _check_vlm_pairs(chunk: list, first: int) -> tuple[list[np.ndarray], list[str]]:
-    images, questions = [], []
-    for i, pair in enumerate(chunk, start=first):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ValueError(f"VLM pairs[{i}]: expected an (image, question) pair, got {type(pair).__name__}")
-        image, question = pair
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or not isinstance(question, str):
-            raise ValueError(
-                f"VLM pairs[{i}]: expected (uint8 image H x W x 3, question str), got "
-                f"({image.dtype} {image.shape}, {type(question).__name__})"
-            )
-        images.append(image)
-        questions.append(question)
-    return images, questions
-
-
-def _check_text_pairs(chunk: list, first: int) -> tuple[list[str], list[str]]:
-    for i, pair in enumerate(chunk, start=first):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise ValueError(f"text pairs[{i}]: expected a (caption str, question str) pair, got {pair!r:.80}")
-    return [c for c, _ in chunk], [q for _, q in chunk]
-
-
-def vlm_batches(
-    vlm: A.VLM,
-    pairs: Sequence[tuple[Any, str]],
-    batch_size: int = 8,
-    layers: Sequence[int] | None = None,
-    start: int = 0,
-    device=None,
-) -> Iterator[ActBatch]:
-    """VLM activations of `pairs[start:]` (image uint8 H x W x 3, question), `batch_size` sequences per batch, one
-    forward each, every layer in `layers` (default all). `start` is the trainer's data position (`fit` resumes with
-    `stream_from(position)`), so a resumed epoch sees exactly the batches the uninterrupted one would."""
-    layers = _layers(vlm, layers)
-    for lo in range(start, len(pairs), batch_size):
-        images, questions = _check_vlm_pairs([pairs[i] for i in range(lo, min(lo + batch_size, len(pairs)))], lo)
-        yield harvest(vlm, A.prepare(vlm, images, questions), layers, device)
-
-
-def lm_batches(
-    vlm: A.VLM,
-    text_pairs: Sequence[tuple[str, str]],
-    batch_size: int = 8,
-    layers: Sequence[int] | None = None,
-    start: int = 0,
-    device=None,
-) -> Iterator[ActBatch]:
-    """The same on the base LM's text stream: `vlm.lm_prompt(caption, question)` through `vlm.base_lm`. The image
-    mask is all False."""
-    layers = _layers(vlm, layers)
-    if vlm.base_lm is None:
-        raise ValueError("lm_batches: VLM.base_lm is not set; the text-only stream runs the base LM")
-    if device is None:
-        device = _device_of(vlm.model)  # the SAEs live with the VLM; the base LM may sit elsewhere
-    for lo in range(start, len(text_pairs), batch_size):
-        captions, questions = _check_text_pairs(
-            [text_pairs[i] for i in range(lo, min(lo + batch_size, len(text_pairs)))], lo
-        )
-        yield harvest(vlm, A.prepare_text(vlm, captions, questions), layers, device)
-
-
-class _Replay:
-    """Held-out batches for the evaluations during training: harvested on the first evaluation and kept in memory
-    when they fit in `max_bytes`, harvested again at every evaluation otherwise. The forward is deterministic, so
-    both give the same numbers; replaying only saves forwards. `n_forwards` counts the forwards actually run."""
-
-    def __init__(self, make: Callable[[], Iterable[ActBatch]], max_bytes: int):
-        self.make, self.max_bytes = make, max_bytes
-        self.kept: list[ActBatch] | None = None
-        self.fits = max_bytes > 0
-        self.n_forwards = 0
-
-    def __call__(self) -> Iterable[ActBatch]:
-        return self.kept if self.kept is not None else self._harvest()
-
-    def _harvest(self) -> Iterator[ActBatch]:
-        kept, size = [], 0
-        for batch in self.make():
-            self.n_forwards += batch.n_forwards
-            if self.fits:
-                size += batch.x_lnd.numel() * batch.x_lnd.element_size()
-                self.fits = size <= self.max_bytes
-                if self.fits:
-                    kept.append(batch)
-                else:
-                    kept.clear()
-            yield batch
-        if self.fits:
-            self.kept = kept
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,7 +61,7 @@ def _train(
     bank: SAEBank,
     cfg: TrainConfig,
     stream_from: Callable[[int], Iterator[ActBatch]],
-    heldout: _Replay,
+    heldout: Replay,
     n_epochs: int,
     eval_every: int,
     checkpoint: str | Path | None,
@@ -294,11 +137,11 @@ def train_base_saes(
     All layers train from the same batches (one LM forward per batch). Dead fraction and FVU are measured on the
     held-out pairs after the last epoch; a feature counts as dead if it never fired there, so the number depends on
     the held-out size (`report.n_tokens`)."""
-    layers = _layers(vlm, layers)
-    device = _device_of(vlm.model) if device is None else torch.device(device)
+    layers = check_layers(vlm, layers)
+    device = device_of(vlm.model) if device is None else torch.device(device)
     name = getattr(getattr(vlm.base_lm, "config", None), "_name_or_path", "") or "base LM"
     bank = SAEBank.create(spec, layers, [BASE], seed=seed, model_name=name).to(device)
-    heldout = _Replay(
+    heldout = Replay(
         lambda: lm_batches(vlm, heldout_text_pairs, batch_size, layers, device=device), heldout_cache_bytes
     )
     trainer = _train(
@@ -392,8 +235,8 @@ def adapt_saes(
     """
     if isinstance(base_saes, SAEBank):
         base_saes = saes_of(base_saes, base_saes.variants[0].name)
-    layers = _layers(vlm, sorted(base_saes) if layers is None else layers)
-    device = _device_of(vlm.model) if device is None else torch.device(device)
+    layers = check_layers(vlm, sorted(base_saes) if layers is None else layers)
+    device = device_of(vlm.model) if device is None else torch.device(device)
     name = getattr(vlm.model.config, "_name_or_path", "") or "VLM"
     # Fresh variants draw from a stream of their own: `train_base_saes(seed=seed)` initialised the base SAEs from
     # `seed`, and a `random` variant started from that same draw would begin next to the base dictionary (measured:
@@ -401,7 +244,7 @@ def adapt_saes(
     bank = SAEBank.create(
         spec, layers, variants, base_saes=base_saes, seed=seed + FRESH_SEED_OFFSET, model_name=name
     ).to(device)
-    heldout = _Replay(lambda: vlm_batches(vlm, heldout_pairs, batch_size, layers, device=device), heldout_cache_bytes)
+    heldout = Replay(lambda: vlm_batches(vlm, heldout_pairs, batch_size, layers, device=device), heldout_cache_bytes)
     trainer = _train(
         bank,
         cfg,
@@ -499,7 +342,7 @@ def reconstruction_table(
 
 def summary_table(table: pd.DataFrame, stream: str = "vlm") -> pd.DataFrame:
     """The paper's Table 1 from a `reconstruction_table`: per (sae, split) FVU mean / std / min / max over layers
-    and the tokens per layer, on one stream (lib.sae.fvu_table does the aggregation)."""
+    and the tokens per layer, on one stream (sae_training.fvu_table does the aggregation)."""
     missing = set(TABLE_COLUMNS) - set(table.columns)
     if missing:
         raise ValueError(f"summary_table: expected a reconstruction_table, missing columns {sorted(missing)}")
@@ -523,7 +366,7 @@ def norm_ratio(
     """Mean residual norm ||x|| per layer (BOS dropped) on the VLM's text tokens, the VLM's image tokens and the
     base LM's text tokens, and the ratios to the LM's text norm. SAEs read raw activations; a text ratio far from 1
     would mean the base SAE meets activations at a scale it was not trained for."""
-    layers = _layers(vlm, layers)
+    layers = check_layers(vlm, layers)
     L = len(layers)
     sum_lp, count_p = torch.zeros(L, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     # p: 0 VLM text, 1 VLM image, 2 LM text
@@ -550,74 +393,3 @@ def norm_ratio(
             "n_lm_text": int(count_p[2]),
         }
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Figures (sized for the book's text width; each returns its Figure)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _color(name: str) -> str | None:
-    return SAE_COLORS.get(name)
-
-
-def plot_fvu_over_training(history: pd.DataFrame, splits: Sequence[str] = ("text", "image")) -> Figure:
-    """Mean held-out FVU across layers vs training step, one line per variant, one panel per token split (the band
-    is the min..max over layers)."""
-    fig, axes = plt.subplots(1, len(splits), figsize=(3.6 * len(splits), 3.0), sharey=True, squeeze=False)
-    for ax, split in zip(axes[0], splits, strict=True):
-        part = history[history.split == split]
-        for variant, rows in part.groupby("variant", sort=False):
-            by_step = rows.groupby("step").fvu.agg(["mean", "min", "max"])
-            ax.plot(by_step.index, by_step["mean"], marker="o", ms=3, label=variant, color=_color(variant))
-            ax.fill_between(by_step.index, by_step["min"], by_step["max"], alpha=0.15, color=_color(variant))
-        ax.set_title(f"{split} tokens")
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("held-out FVU (mean over layers)")
-    axes[0, -1].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_fvu_per_layer(table: pd.DataFrame, stream: str = "vlm", splits: Sequence[str] = SPLITS) -> Figure:
-    """Held-out FVU per layer, one line per SAE (base, adapted variants, random), one panel per token split."""
-    part = table[table.stream == stream]
-    fig, axes = plt.subplots(1, len(splits), figsize=(2.7 * len(splits), 2.9), sharey=True, squeeze=False)
-    for ax, split in zip(axes[0], splits, strict=True):
-        for sae, rows in part[part.split == split].groupby("sae", sort=False):
-            rows = rows.sort_values("layer")
-            ax.plot(rows.layer, rows.fvu, marker="o", ms=3, label=sae, color=_color(sae))
-        ax.set_title(f"{split} tokens")
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("held-out FVU")
-    axes[0, -1].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_reconstruction_gap(table: pd.DataFrame, text_variant: str = "text-only") -> Figure:
-    """Normalised MSE per layer (log scale) for {base SAE, adapted text-only SAE} x {LM text activations, VLM
-    activations (all tokens)}: colour is the SAE, line style the stream."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    styles = {"lm": ("-", "LM text"), "vlm": ("--", "VLM")}
-    for sae, label in ((BASE.name, "base SAE"), (text_variant, f"adapted {text_variant} SAE")):
-        for stream, (ls, stream_label) in styles.items():
-            rows = table[(table.sae == sae) & (table.stream == stream) & (table.split == "full")].sort_values("layer")
-            if len(rows):
-                ax.plot(
-                    rows.layer, rows.nmse, ls, marker="o", ms=3, color=_color(sae), label=f"{label}, {stream_label}"
-                )
-    ax.set_yscale("log")
-    # 0.2, not 2 x 10^-1; minor ticks labelled at 2 and 5 only, which stays readable over two or three decades.
-    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
-    ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("normalised MSE")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(frameon=False, fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    fig.tight_layout()
-    return fig

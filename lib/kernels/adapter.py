@@ -35,13 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-
-def resid_name(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
-
-
-def z_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
+from lib.names import resid_name, z_name
 
 
 def n_image_tokens_of(config) -> int:

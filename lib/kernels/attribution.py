@@ -1,9 +1,8 @@
-"""Attribution of spatial features to attention heads, its validation, and the causal checks (METHOD.md, step 4).
+"""Attribution of spatial features to attention heads and its validation (METHOD.md, step 4).
 
-Everything here is a plain function over a `lib.adapter.VLM` and a `lib.adapter.Batch`, built on the adapter's hooks
-(`capture`, `patch_heads`, `project_out`, `replace_image_embeddings`); nothing here touches the model's modules
-except through them, apart from the attention-pattern read-out (`attention_patterns`), which recomputes q and k from the
-attention module's own inputs and checks itself against the adapter's hook_z.
+Everything here is a plain function over a `lib.kernels.adapter.VLM` and a `lib.kernels.adapter.Batch`, built on the
+adapter's hooks (`capture`, `patch_heads`, `replace_image_embeddings`); nothing here touches the model's modules
+except through them.
 
 1. The metric of a feature f with unit decoder direction d_f at layer L_f: m_b = sum over post-image text positions
    t of <h_t(L_f), d_f>, h = `blocks.{L_f}.hook_resid_post`.
@@ -14,8 +13,10 @@ attention module's own inputs and checks itself against the adapter's hook_z.
    |effect|. One clean forward, one corrupted forward and one backward per feature give every head at once.
 4. Exhaustive activation patching (the validation): the same quantities measured by running the model once per
    head (or per head and position) with that head's z replaced by its corrupted-run value.
-5. Aggregation over a feature set, top-k heads; causal checks on a yes/no statement benchmark (head ablation, random
-   heads, feature projection, a non-spatial multiple-choice control) and the attention-overlay data.
+5. Aggregation over a feature set, the top-k heads, and random heads from the same layers (the control).
+
+The causal checks of the heads and features found here are in `lib.kernels.causal`, the attention read-outs of the
+overlays in `lib.kernels.attention`; the figures in `lib.figures.attribution`.
 
 Choices this module makes (the book states them):
 - Heads of layer L_f itself are not scored (they write into h(L_f) too): the source scores l < L_f only.
@@ -24,9 +25,6 @@ Choices this module makes (the book states them):
 - Per-sample scores: the mean over that sample's post-image positions; a batch or data set score is the mean over
   samples (so a long question does not weigh more than a short one).
 - Aggregation normalises each feature's head scores by their total (each feature has unit mass), see `aggregate`.
-- Ablations act at every position; mean ablation uses the head's mean z over the real non-BOS tokens (image and
-  text alike) of a reference set. Feature projection acts at post-image positions only (the positions the metric
-  reads, the answer position included).
 
 Shape key (suffixes of tensor names; the adapter's key plus f and q):
     b  sequences in a batch        s  token positions (padded)      d  residual width (d_model)
@@ -38,13 +36,12 @@ Shape key (suffixes of tensor names; the adapter's key plus f and q):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
@@ -53,19 +50,14 @@ from lib.kernels.adapter import (
     Batch,
     HeadPatch,
     capture,
-    decoder,
     image_embeddings,
-    iter_batches,
-    next_token_logits,
     patch_heads,
-    project_out,
     replace_image_embeddings,
     resid_name,
     z_name,
 )
 
 Head = tuple[int, int]  # (layer, head)
-Intervention = Callable[[Batch], AbstractContextManager]  # a context manager to run one batch under
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -436,373 +428,3 @@ def random_heads_like(heads: Sequence[Head], n_heads: int, seed: int) -> list[He
         assert len(pool) >= want, f"layer {layer}: {want} top heads leave only {len(pool)} other heads to draw"
         out += [(layer, int(h)) for h in rng.choice(pool, size=want, replace=False)]
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 6. Causal checks
-
-
-@torch.no_grad()
-def mean_z(vlm: VLM, batches: Iterable[Batch], layers: Sequence[int] | None = None) -> Tensor:
-    """z_mean_lhk: each head's mean hook_z over the real non-BOS tokens of `batches` (mean ablation's value).
-    Layers not asked for are NaN."""
-    layers = list(range(vlm.n_layers)) if layers is None else [int(x) for x in layers]
-    total = torch.zeros(vlm.n_layers, vlm.n_heads, vlm.d_head, dtype=torch.float64)
-    n = 0
-    for batch in batches:
-        z = capture(vlm, batch, z_layers=layers).z
-        keep_bs = batch.keep_bs
-        for l in layers:
-            total[l] += z[z_name(l)][keep_bs].double().sum(0).cpu()
-        n += int(keep_bs.sum())
-    assert n > 0, "mean_z got no tokens"
-    out = total / n
-    out[[l for l in range(vlm.n_layers) if l not in layers]] = torch.nan
-    return out
-
-
-def ablate_heads(vlm: VLM, heads: Sequence[Head], z_mean_lhk: Tensor | None = None) -> Intervention:
-    """Mean ablation of `heads` at every position (`z_mean_lhk` from `mean_z`), or zero ablation when it is None."""
-    patches = []
-    for l, h in heads:
-        if z_mean_lhk is None:
-            value = torch.zeros(vlm.d_head)
-        else:
-            value = z_mean_lhk[l, h]
-            assert torch.isfinite(value).all(), f"no mean z for L{l}H{h}: compute mean_z over its layer"
-        patches.append(HeadPatch(int(l), int(h), value))
-    return lambda _batch: patch_heads(vlm, patches)
-
-
-def project_feature(vlm: VLM, feature: Feature, where: Literal["post_image", "all"] = "post_image") -> Intervention:
-    """The feature's direction projected out of `blocks.{layer}.hook_resid_post` at the post-image positions
-    (default) or at every position."""
-    assert where in ("post_image", "all"), f"where must be 'post_image' or 'all', got {where!r}"
-    return lambda batch: project_out(
-        vlm, feature.layer, feature.direction_d, positions_bs=batch.post_image_bs if where == "post_image" else None
-    )
-
-
-class Statement(NamedTuple):
-    """One true/false item: the model should answer yes iff `label`."""
-
-    image: Any
-    question: str
-    label: bool
-    relation: str = ""
-
-
-class Choice(NamedTuple):
-    """One multiple-choice item of the control task: `answer` is one of the candidate words."""
-
-    image: Any
-    question: str
-    answer: str
-    group: str = ""
-
-
-def single_token_id(tokenizer, text: str) -> int:
-    """The id of `text` if the tokenizer makes exactly one token of it (answer words must be single tokens)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"answer word {text!r} is {len(ids)} tokens {ids} for this tokenizer; expected exactly one")
-    return int(ids[0])
-
-
-def _logits(vlm: VLM, images, questions, batch_size: int, intervention: Intervention | None) -> Tensor:
-    out = []
-    for batch in iter_batches(vlm, images, questions, batch_size):
-        with intervention(batch) if intervention is not None else nullcontext():
-            out.append(next_token_logits(vlm, batch).double().cpu())
-    return torch.cat(out)
-
-
-def yes_no_eval(
-    vlm: VLM,
-    statements: Sequence[Statement],
-    yes_id: int,
-    no_id: int,
-    *,
-    batch_size: int = 16,
-    intervention: Intervention | None = None,
-) -> pd.DataFrame:
-    """Per item: P(yes) normalised over {yes, no} at the answer position, the answer (yes iff P(yes) > P(no)),
-    whether it is correct and P(correct)."""
-    assert statements, "no statements given"
-    logits_bv = _logits(vlm, [s.image for s in statements], [s.question for s in statements], batch_size, intervention)
-    p_yes = torch.softmax(logits_bv[:, [yes_id, no_id]], -1)[:, 0].numpy()
-    label = np.array([bool(s.label) for s in statements])
-    pred = p_yes > 0.5
-    return pd.DataFrame(
-        {
-            "relation": [s.relation for s in statements],
-            "label": label,
-            "p_yes": p_yes,
-            "answer_yes": pred,
-            "correct": pred == label,
-            "p_correct": np.where(label, p_yes, 1 - p_yes),
-        }
-    )
-
-
-def choice_eval(
-    vlm: VLM,
-    choices: Sequence[Choice],
-    candidate_ids: Mapping[str, int],
-    *,
-    batch_size: int = 16,
-    intervention: Intervention | None = None,
-) -> pd.DataFrame:
-    """Per item of the control task: the candidate with the highest next-token logit, whether it is the answer, and
-    P(answer) normalised over the candidates."""
-    assert choices, "no control items given"
-    words = list(candidate_ids)
-    missing = sorted({c.answer for c in choices} - set(words))
-    assert not missing, f"answers {missing} are not among the candidate words {words}"
-    logits_bv = _logits(vlm, [c.image for c in choices], [c.question for c in choices], batch_size, intervention)
-    p_bc = torch.softmax(logits_bv[:, [candidate_ids[w] for w in words]], -1).numpy()
-    answer = np.array([words.index(c.answer) for c in choices])
-    pred = p_bc.argmax(1)
-    return pd.DataFrame(
-        {
-            "relation": [c.group for c in choices],
-            "answer": [c.answer for c in choices],
-            "predicted": [words[i] for i in pred],
-            "correct": pred == answer,
-            "p_correct": p_bc[np.arange(len(choices)), answer],
-        }
-    )
-
-
-def summarise(per_item: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy and mean P(correct) per relation (or control group), plus an 'all' row."""
-    groups = per_item.groupby("relation", sort=True)[["correct", "p_correct"]].agg(["count", "mean"])
-    table = pd.DataFrame(
-        {
-            "n": groups[("correct", "count")],
-            "accuracy": groups[("correct", "mean")],
-            "mean_p_correct": groups[("p_correct", "mean")],
-        }
-    )
-    table.loc["all"] = [len(per_item), per_item["correct"].mean(), per_item["p_correct"].mean()]
-    table["n"] = table["n"].astype(int)
-    return table.rename_axis("relation").reset_index()
-
-
-def causal_checks(
-    vlm: VLM,
-    statements: Sequence[Statement],
-    *,
-    yes_id: int,
-    no_id: int,
-    heads: Sequence[Head],
-    z_mean_lhk: Tensor,
-    features: Sequence[Feature] = (),
-    random_features: Sequence[Feature] = (),
-    controls: Sequence[Choice] = (),
-    candidate_ids: Mapping[str, int] | None = None,
-    n_random: int = 3,
-    seed: int = 0,
-    batch_size: int = 16,
-    feature_positions: Literal["post_image", "all"] = "post_image",
-) -> pd.DataFrame:
-    """The ablation table: accuracy and mean P(correct) per relation on the statement benchmark (and per group on
-    the control task) for each condition:
-
-    clean; `heads` mean- and zero-ablated; `n_random` draws of random heads from the same layers (seeds seed..,
-    both ablations); each of `features` and of `random_features` projected out of the residual stream at its layer.
-
-    One row per (condition, ablation, seed, task, relation). Seed is -1 where no randomness is involved.
-    """
-    assert not controls or candidate_ids is not None, "control items need candidate_ids (word -> token id)"
-    conditions: list[tuple[str, str, int, Intervention | None]] = [("clean", "", -1, None)]
-    for name, z in (("mean", z_mean_lhk), ("zero", None)):
-        conditions.append(("top heads", name, -1, ablate_heads(vlm, heads, z)))
-        for r in range(n_random):
-            conditions.append(
-                ("random heads", name, seed + r, ablate_heads(vlm, random_heads_like(heads, vlm.n_heads, seed + r), z))
-            )
-    for kind, group in (("feature", features), ("random feature", random_features)):
-        for i, f in enumerate(group):
-            conditions.append(
-                (
-                    f"{kind} {f.name or i}",
-                    f"project {feature_positions}",
-                    -1,
-                    project_feature(vlm, f, feature_positions),
-                )
-            )
-    rows = []
-    for condition, ablation, s, intervention in conditions:
-        tasks = [
-            ("statement", yes_no_eval(vlm, statements, yes_id, no_id, batch_size=batch_size, intervention=intervention))
-        ]
-        if controls:
-            tasks.append(
-                ("control", choice_eval(vlm, controls, candidate_ids, batch_size=batch_size, intervention=intervention))
-            )
-        for task, per_item in tasks:
-            table = summarise(per_item)
-            table.insert(0, "task", task)
-            table.insert(0, "seed", s)
-            table.insert(0, "ablation", ablation)
-            table.insert(0, "condition", condition)
-            rows.append(table)
-    return pd.concat(rows, ignore_index=True)
-
-
-def statements_from_samples(samples) -> list[Statement]:
-    """lib.world samples with a yes/no relation question as benchmark items (label: the answer is yes)."""
-    bad = [s.index for s in samples if s.answer not in ("yes", "no") or not s.relation]
-    assert not bad, f"samples {bad[:5]} are not yes/no relation questions"
-    return [Statement(s.scene.render(), s.question, s.answer == "yes", s.relation) for s in samples]
-
-
-def choices_from_samples(samples) -> list[Choice]:
-    """lib.world samples as control items, grouped by question type (e.g. colour questions)."""
-    return [Choice(s.scene.render(), s.question, s.answer, s.qtype) for s in samples]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 7. Attention overlays
-
-
-@torch.no_grad()
-def attention_patterns(vlm: VLM, batch: Batch, heads: Sequence[Head]) -> dict[Head, Tensor]:
-    """pattern_bqs of each head: the softmax attention weights from every query position to every key position.
-
-    HF's fast attention kernels never materialise the weights, so they are recomputed from the attention module's
-    own inputs (q and k projections, HF's rotary embedding, grouped queries, the causal and padding mask, softmax in
-    float32 as the eager kernel does); then pattern @ v is checked against the adapter's hook_z of the same forward
-    pass, so a model whose attention this recomputation does not describe fails loudly instead of drawing wrong
-    overlays. Padding query rows are zero."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    heads = [(int(l), int(h)) for l, h in heads]
-    assert heads, "no heads given"
-    layers = sorted({l for l, _ in heads})
-    assert 0 <= layers[0] and layers[-1] < vlm.n_layers, f"heads {heads} outside the model's {vlm.n_layers} layers"
-    n_heads, d_head = vlm.n_heads, vlm.d_head
-    n_kv = vlm.text_config.num_key_value_heads
-    real_bs = batch.attention_mask_bs
-    n_s = real_bs.shape[1]
-    allowed_bqs = torch.ones(n_s, n_s, dtype=torch.bool, device=real_bs.device).tril()[None] & real_bs[:, None, :]
-    patterns: dict[Head, Tensor] = {}
-    values: dict[Head, Tensor] = {}
-
-    def hook(layer: int):
-        def pre_hook(module, args, kwargs):
-            x_bsd = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cos, sin = kwargs["position_embeddings"]
-            shape = (*x_bsd.shape[:-1], -1, d_head)
-            q = module.q_proj(x_bsd).view(shape).transpose(1, 2)
-            k = module.k_proj(x_bsd).view(shape).transpose(1, 2)
-            v = module.v_proj(x_bsd).view(shape).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            for l, h in heads:
-                if l != layer:
-                    continue
-                kv = h // (n_heads // n_kv)  # HF's repeat_kv: each kv head serves consecutive query heads
-                dtype = _acc_dtype(q)
-                scores_bqs = (q[:, h].to(dtype) @ k[:, kv].to(dtype).transpose(-1, -2)) * module.scaling
-                scores_bqs = scores_bqs.masked_fill(~allowed_bqs, -math.inf)
-                pattern = scores_bqs.softmax(-1).nan_to_num(0.0)  # a padding row of all -inf gives NaN
-                patterns[(l, h)] = pattern * real_bs[:, :, None]
-                values[(l, h)] = v[:, kv]
-
-        return pre_hook
-
-    layers_mod = decoder(vlm.model).layers
-    handles = [layers_mod[l].self_attn.register_forward_pre_hook(hook(l), with_kwargs=True) for l in layers]
-    try:
-        z = capture(vlm, batch, z_layers=layers).z
-    finally:
-        for handle in handles:
-            handle.remove()
-    for (l, h), pattern in patterns.items():
-        z_bsk = z[z_name(l)][:, :, h]
-        rebuilt_bsk = pattern @ values[(l, h)].to(pattern.dtype)
-        err = (rebuilt_bsk - z_bsk.to(pattern.dtype))[real_bs].abs().max().item()
-        scale = z_bsk[real_bs].abs().max().item() + 1e-6
-        tol = 1e-6 if pattern.dtype == torch.float64 else 2e-2 if z_bsk.dtype != torch.float32 else 1e-4
-        assert err <= tol * scale, (
-            f"L{l}H{h}: the recomputed attention pattern does not reproduce hook_z (max error {err:.3g}, scale "
-            f"{scale:.3g}); this model's attention is not the HF Llama attention this function recomputes"
-        )
-    return patterns
-
-
-class ImageAttention(NamedTuple):
-    heads: list[Head]
-    to_image_bhn: Tensor  # mean over the query positions of the attention to each image token
-    grid_bhyx: Tensor  # the same on the patch grid (a CLS token, if the model keeps one, dropped)
-    image_mass_bh: Tensor  # total attention on the image tokens (of 1 over all keys)
-
-
-def last_token_bs(batch: Batch) -> Tensor:
-    """The answer position: each sequence's last real token (its next-token logits give the answer)."""
-    out = torch.zeros_like(batch.attention_mask_bs)
-    out[torch.arange(out.shape[0]), batch.lengths_b.to(out.device) - 1] = True
-    return out
-
-
-def image_attention(vlm: VLM, batch: Batch, heads: Sequence[Head], query_bs: Tensor | None = None) -> ImageAttention:
-    """Attention of `heads` from the query positions (default: post-image positions; `last_token_bs(batch)` for the
-    answer position) to the image tokens, averaged over the query positions, and reshaped to the patch grid."""
-    query_bs = batch.post_image_bs if query_bs is None else query_bs.to(batch.post_image_bs.device)
-    assert (query_bs & ~batch.attention_mask_bs).sum() == 0, "query positions must be real tokens"
-    assert query_bs.any(1).all(), "every sequence needs at least one query position"
-    patterns = attention_patterns(vlm, batch, heads)
-    n = vlm.n_image_tokens
-    img_idx_bn = torch.stack([row.nonzero().flatten() for row in batch.image_mask_bs])
-    assert img_idx_bn.shape[1] == n, f"expected {n} image tokens per sequence, found {img_idx_bn.shape[1]}"
-    w_bq = query_bs.to(next(iter(patterns.values())).dtype)
-    to_image = []
-    for head in heads:
-        mean_bs = (patterns[tuple(head)] * w_bq[:, :, None]).sum(1) / w_bq.sum(1, keepdim=True)
-        to_image.append(mean_bs.gather(1, img_idx_bn))
-    to_image_bhn = torch.stack(to_image, 1)
-    side = math.isqrt(n)
-    grid_bhn = to_image_bhn[..., 1:] if side * side != n else to_image_bhn  # LLaVA's "full": CLS first
-    side = math.isqrt(grid_bhn.shape[-1])
-    assert side * side == grid_bhn.shape[-1], f"{n} image tokens do not form a square patch grid"
-    return ImageAttention(
-        [tuple(h) for h in heads], to_image_bhn, grid_bhn.unflatten(-1, (side, side)), to_image_bhn.sum(-1)
-    )
-
-
-def attention_mass(att: ImageAttention, patches_b: Sequence[Sequence[int]]) -> Tensor:
-    """mass_bh: attention on the given patch indices of each sequence (raster order on the patch grid, as
-    `lib.world.Obj.patches`). Divide by `att.image_mass_bh` for the share of the attention on the image."""
-    grid_bhn = att.grid_bhyx.flatten(-2)
-    assert len(patches_b) == grid_bhn.shape[0], f"{len(patches_b)} patch sets for {grid_bhn.shape[0]} sequences"
-    mask_bn = torch.zeros(grid_bhn.shape[0], grid_bhn.shape[-1], dtype=grid_bhn.dtype, device=grid_bhn.device)
-    for i, patches in enumerate(patches_b):
-        idx = sorted(set(int(p) for p in patches))
-        assert all(0 <= p < grid_bhn.shape[-1] for p in idx), f"sequence {i}: patch index outside the grid"
-        mask_bn[i, idx] = 1.0
-    return (grid_bhn * mask_bn[:, None]).sum(-1)
-
-
-def scene_patches(scene, shapes: Sequence[str], grid_side: int) -> list[int]:
-    """Patch indices covered by the named objects of a lib.world scene, on a grid_side x grid_side patch grid."""
-    assert scene.size_px % grid_side == 0, f"a {scene.size_px} px image does not split into {grid_side} patches"
-    patch_px = scene.size_px // grid_side
-    return sorted({p for s in shapes for p in scene.by_shape(s).patches(scene.cell_px, patch_px)})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Convenience: several interventions at once
-
-
-def combine(*interventions: Intervention) -> Intervention:
-    """One intervention that runs all of `interventions` (they compose: each installs its own hooks)."""
-
-    @contextmanager
-    def run(batch: Batch):
-        with ExitStack() as stack:
-            for make in interventions:
-                stack.enter_context(make(batch))
-            yield
-
-    return run

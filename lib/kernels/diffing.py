@@ -11,18 +11,21 @@ The per-feature table (one row per layer x variant x feature) is the hub of the 
     freq_img, freq_txt    firing frequency (z > 0) on image / text tokens
     mean_abs_img, mean_abs_txt, img_txt_ratio
     image_dependence      (organism) relative change of z when the image is replaced by the mean image embedding
+
+The figures of chapter 4 that read this table are lib/figures/diffing.py.
 """
 
 from __future__ import annotations
 
 import itertools
 
-import matplotlib.pyplot as plt
-import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
+
+from lib.kernels.activations import lm_batches, vlm_batches
+from lib.names import resid_name
 
 EPS = 1e-12
 
@@ -89,6 +92,15 @@ class FeatureStats:
                 "mean_abs_txt": mean_abs_txt.numpy(),
                 "img_txt_ratio": (mean_abs_img / mean_abs_txt.clamp_min(EPS)).numpy(),
                 "mean_sq_vlm": ((self.sq_img + self.sq_txt) / (n_img + n_txt)).numpy(),
+                # The raw sums every column above is derived from, so a selection can be recomputed from the table.
+                "sum_sq_img": self.sq_img.numpy(),
+                "sum_sq_txt": self.sq_txt.numpy(),
+                "sum_abs_img": self.abs_img.numpy(),
+                "sum_abs_txt": self.abs_txt.numpy(),
+                "n_fire_img": self.fire_img.numpy().astype(np.int64),
+                "n_fire_txt": self.fire_txt.numpy().astype(np.int64),
+                "n_tokens_img": np.full(len(energy), self.n_img, dtype=np.int64),
+                "n_tokens_txt": np.full(len(energy), self.n_txt, dtype=np.int64),
             }
         )
 
@@ -171,8 +183,6 @@ def feature_table(
     the base LM's text stream is run too, for the authors' raw second-moment definition `visual_energy_raw`.
     Memory is O(layers x variants x width): activations are never kept.
     """
-    from lib.kernels.adaptation import lm_batches, vlm_batches
-
     layers = sorted(base_saes)
     keys = [(layer, v) for v in adapted for layer in layers]
     stats = {k: FeatureStats(base_saes[k[0]].cfg.d_sae) for k in keys}
@@ -230,7 +240,7 @@ def image_dependence(vlm, saes: dict, pairs, reference_images, batch_size: int =
             corrupt = capture(vlm, batch, resid_layers=layers).resid
         keep_bs = batch.post_image_bs
         for layer in layers:
-            name = f"blocks.{layer}.hook_resid_post"
+            name = resid_name(layer)
             sae = saes[layer]
             z_clean = sae.encode(clean[name][keep_bs].to(sae.dtype)).double()
             z_corrupt = sae.encode(corrupt[name][keep_bs].to(sae.dtype)).double()
@@ -241,126 +251,3 @@ def image_dependence(vlm, saes: dict, pairs, reference_images, batch_size: int =
         dep = torch.where(mass[layer] > 0, diff[layer] / mass[layer].clamp_min(EPS), torch.zeros_like(mass[layer]))
         frames.append(pd.DataFrame({"layer": layer, "feature": np.arange(len(dep)), "image_dependence": dep.numpy()}))
     return pd.concat(frames, ignore_index=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Figures of chapter 4 (each returns its Figure)
-
-VARIANT_COLORS = {"full": "#1f77b4", "random": "#999999", "text-only": "#2ca02c", "image-only": "#d62728"}
-
-
-def plot_cosine_by_layer(table: pd.DataFrame):
-    """Median decoder cosine (base vs adapted) per layer, one line per variant, band = interquartile range."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for variant, rows in table.groupby("variant", sort=False):
-        q = rows.groupby("layer").dec_cos.quantile([0.25, 0.5, 0.75]).unstack()
-        color = VARIANT_COLORS.get(variant)
-        ax.plot(q.index, q[0.5], marker="o", ms=3, label=variant, color=color)
-        ax.fill_between(q.index, q[0.25], q[0.75], alpha=0.15, color=color)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("decoder cosine, base vs adapted")
-    ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-    ax.set_ylim(-0.1, 1.05)
-    ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_cosine_histograms(table: pd.DataFrame, cos_max: float):
-    """Per layer, the distribution of decoder cosine of one variant, with the pooled percentile threshold."""
-    layers = sorted(table.layer.unique())
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers), 2.6), sharey=True, squeeze=False)
-    bins = np.linspace(min(table.dec_cos.min(), 0), 1, 41)
-    for ax, layer in zip(axes[0], layers, strict=True):
-        ax.hist(table[table.layer == layer].dec_cos, bins=bins, color="#2ca02c", alpha=0.8)
-        ax.axvline(cos_max, color="k", ls="--", lw=1)
-        ax.set_title(f"layer {layer}")
-        ax.set_xlabel("decoder cosine")
-    axes[0, 0].set_ylabel("features")
-    fig.tight_layout()
-    return fig
-
-
-def plot_central_scatter(table: pd.DataFrame, eps: float, cos_max: float, overlays: dict | None = None):
-    """Every feature of one variant: x visual energy (log scale), y decoder cosine. Grey: all; orange: adapted;
-    `overlays` {label: (boolean mask over the table's rows, colour, marker)} drawn on top in order."""
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
-    x = table.visual_energy.clip(lower=1e-6)
-    ax.scatter(x, table.dec_cos, s=4, color="0.75", label="all features", rasterized=True)
-    adapted = table.adapted.astype(bool)
-    ax.scatter(x[adapted], table.dec_cos[adapted], s=9, color="#ff7f0e", label="adapted")
-    for label, (mask, color, marker) in (overlays or {}).items():
-        mask = np.asarray(mask, dtype=bool)
-        ax.scatter(
-            x[mask],
-            table.dec_cos[mask],
-            s=40,
-            color=color,
-            marker=marker,
-            label=label,
-            edgecolor="k",
-            linewidth=0.5,
-            zorder=3,
-        )
-    ax.axvline(eps, color="k", ls=":", lw=1)
-    ax.axhline(cos_max, color="k", ls="--", lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("visual energy $E_v$ (share of squared activation on image tokens)")
-    ax.set_ylabel("decoder cosine, base vs adapted")
-    ax.legend(frameon=False, fontsize=8, loc="lower left")
-    fig.tight_layout()
-    return fig
-
-
-def plot_robustness(sweep: pd.DataFrame):
-    """Heatmaps over eps x q of the selected count, the Jaccard index with the default set and the correlation of
-    per-layer counts."""
-    import seaborn as sns
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, (col, fmt, title) in zip(
-        axes,
-        [
-            ("selected", "d", "features selected"),
-            ("jaccard", ".2f", "Jaccard with default"),
-            ("layer_corr", ".2f", "corr. of per-layer counts"),
-        ],
-        strict=True,
-    ):
-        grid = sweep.pivot(index="eps", columns="q", values=col)
-        sns.heatmap(grid, annot=True, fmt=fmt, cmap="viridis", ax=ax, cbar=False, annot_kws={"fontsize": 8})
-        ax.set_title(title)
-        ax.set_xlabel("q (cosine percentile)")
-        ax.set_ylabel("ε (visual energy)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_ratio_by_layer(table: pd.DataFrame):
-    """Image / text mean |z| ratio of the adapted (rotated, visual) features per layer, log scale."""
-    rows = table[table.adapted.astype(bool)]
-    layers = sorted(table.layer.unique())
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    data = [rows[rows.layer == layer].img_txt_ratio.clip(lower=1e-3).to_numpy() for layer in layers]
-    ax.boxplot([d if len(d) else [np.nan] for d in data], positions=layers, widths=0.5)
-    ax.axhline(1, color="k", ls=":", lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean |z| image / text")
-    fig.tight_layout()
-    return fig
-
-
-def plot_image_dependence(table: pd.DataFrame):
-    """Image dependence of adapted vs other features (cumulative distributions)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for label, mask, color in (("adapted", table.adapted, "#ff7f0e"), ("not adapted", ~table.adapted, "0.5")):
-        v = np.sort(table.image_dependence[mask.astype(bool)].to_numpy())
-        if len(v):
-            ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=f"{label} ({len(v)})", color=color)
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("image dependence: Σ|z − z(mean image)| / Σ|z|")
-    ax.set_ylabel("share of features ≤ x")
-    ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig

@@ -1,9 +1,10 @@
-"""The `paper` profile's real models and data: LLaVA-MORE, Llama-3.1-8B-Instruct, Llama Scope SAEs, VQAv2, VSR.
+"""The `paper` profile's real models: LLaVA-MORE, Llama-3.1-8B-Instruct and the Llama Scope SAEs (its data, VQAv2,
+VSR and COCO captions, is lib/sources/paper_data.py).
 
 LLaVA-MORE (`aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning`) is published in the original LLaVA layout
-(`LlavaLlamaForCausalLM`, `model_type: llava_llama`), which `transformers` cannot load. `load_llava_more` maps it onto
-`transformers.LlavaForConditionalGeneration`, so the paper's model runs through the same adapter (lib/adapter.py) as
-the organism:
+(`LlavaLlamaForCausalLM`, `model_type: llava_llama`), which `transformers` cannot load. `convert_llava_more` maps it
+onto `transformers.LlavaForConditionalGeneration`, so the paper's model runs through the same adapter
+(lib/kernels/adapter.py) as the organism:
 
     original key                                            LlavaForConditionalGeneration key
     model.embed_tokens.* / model.layers.* / model.norm.*    model.language_model.{embed_tokens,layers,norm}.*
@@ -34,7 +35,6 @@ Shape key: b batch, c channels, y/x image rows/columns, d model width, f SAE fea
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -51,8 +51,6 @@ LLAVA_MORE_ID = "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning"
 LLM_ID = "meta-llama/Llama-3.1-8B-Instruct"
 CLIP_ID = "openai/clip-vit-large-patch14-336"
 LLAMA_SCOPE_RELEASE = "llama_scope_lxr_8x"
-VQAV2_ID = "lmms-lab/VQAv2"
-VSR_ID = "cambridgeltl/vsr_random"
 
 # LLaVA-MORE's `conv_llava_llama_3_1` system prompt (src/llava/conversation.py).
 LLAVA_MORE_SYSTEM = (
@@ -68,24 +66,9 @@ IMAGE_TOKEN = "<|reserved_special_token_0|>"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# VQAv2 validation rows of the paper (METHOD.md): 0..49,999 adapt the SAEs, 50,000..54,095 are held out.
-VQA_ADAPTATION_ROWS = range(0, 50_000)
-VQA_HELDOUT_ROWS = range(50_000, 54_096)
-
-# Columns each step reads (hub names). `load_vqav2` / `load_vsr` check them and fail with one message.
-VQA_ACTIVATION_COLUMNS = ("image", "question")
-VQA_TEXT_STREAM_COLUMNS = ("question", "image_id")
-VQA_PROBING_COLUMNS = ("image", "question", "question_id", "question_type")
-VSR_BENCHMARK_COLUMNS = ("image", "caption", "label", "relation")
-VSR_SPLIT_FILES = {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file or key and what was expected."""
-
-
-class DatasetSchemaError(ValueError):
-    """A dataset without a column a step needs; the message names the dataset and the column."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,7 +91,7 @@ def local_dir(source: str | Path, what: str) -> Path:
         ) from e
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -121,7 +104,7 @@ def _shards(checkpoint: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards its index names, or a single model.safetensors."""
     index = checkpoint / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a `weight_map` object")
         files = [checkpoint / name for name in dict.fromkeys(weight_map.values())]
@@ -170,7 +153,7 @@ def llava_config(checkpoint: Path, vision_config, image_token_id: int):
     from transformers import LlamaConfig, LlavaConfig
 
     path = checkpoint / "config.json"
-    cfg = _read_json(path)
+    cfg = read_json(path)
     if cfg.get("model_type") != "llava_llama":
         raise CheckpointError(
             f"{path}: field `model_type` = {cfg.get('model_type')!r}; expected 'llava_llama' "
@@ -252,7 +235,7 @@ def convert_llava_more(
 
     checkpoint = local_dir(checkpoint, "LLaVA checkpoint")
     device, dtype = _default_device_dtype(device, dtype)
-    clip_source = clip if clip is not None else _read_json(checkpoint / "config.json").get("mm_vision_tower", CLIP_ID)
+    clip_source = clip if clip is not None else read_json(checkpoint / "config.json").get("mm_vision_tower", CLIP_ID)
     clip_dir = local_dir(clip_source, "CLIP vision tower")
     vision_config = CLIPVisionConfig.from_pretrained(clip_dir)
     config = llava_config(checkpoint, vision_config, image_token_id)
@@ -333,7 +316,7 @@ class PadPreprocess:
         cfg_path = Path(clip_dir) / "preprocessor_config.json"
         if not cfg_path.exists():
             return cls(image_size)
-        cfg = _read_json(cfg_path)
+        cfg = read_json(cfg_path)
         crop = cfg.get("crop_size", image_size)
         crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
         if crop != image_size:
@@ -401,7 +384,7 @@ def load_paper_vlm(
         checkpoint, clip, image_token_id=image_token_id_of(tokenizer), device=device, dtype=dtype
     )
     clip_dir = local_dir(
-        clip if clip is not None else _read_json(checkpoint / "config.json")["mm_vision_tower"], "CLIP vision tower"
+        clip if clip is not None else read_json(checkpoint / "config.json")["mm_vision_tower"], "CLIP vision tower"
     )
     bundle = dict(
         model=model,
@@ -464,175 +447,3 @@ def load_llama_scope_topk(
     else:
         sae = SAE.from_pretrained(str(release), sid, device=device, dtype=dtype)
     return jumprelu_to_topk(sae, k)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def check_columns(ds, needed: Sequence[str], name: str) -> None:
-    missing = [c for c in needed if c not in ds.column_names]
-    if missing:
-        raise DatasetSchemaError(
-            f"dataset {name}: missing column {missing[0]!r} (needed {list(needed)}; found {ds.column_names})"
-        )
-
-
-def _load_split(source: str | Path, split: str, hub_kwargs: dict | None = None):
-    """A `datasets.Dataset` for `split` of `source`: a directory written by `save_to_disk` (Dataset or
-    DatasetDict), a directory of parquet/jsonl files named after their split (the hub's layouts:
-    `data/{split}-*.parquet`, `{split}.jsonl`), a single parquet/jsonl file, or a hub id."""
-    import datasets
-
-    path = Path(source)
-    if not path.exists():
-        return datasets.load_dataset(str(source), split=split, **(hub_kwargs or {}))
-    if path.is_file():
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DatasetSchemaError(f"dataset {path}: no split {split!r} (has {list(ds)})")
-            ds = ds[split]
-        return ds
-    layouts = (("parquet", f"{split}-*.parquet"), ("parquet", f"{split}.parquet"), ("json", f"{split}.jsonl"))
-    for kind, pattern in layouts:
-        files = sorted(str(f) for f in path.rglob(pattern))
-        if files:
-            return datasets.load_dataset(kind, data_files=files, split="train")
-    raise DatasetSchemaError(f"dataset {path}: no `save_to_disk` data and no {split}-*.parquet / {split}.jsonl files")
-
-
-def _rows(ds, rows: range | None, name: str):
-    if rows is None:
-        return ds
-    if rows.stop > len(ds):
-        raise DatasetSchemaError(f"dataset {name}: rows {rows.start}..{rows.stop - 1} requested, only {len(ds)} rows")
-    return ds.select(rows)
-
-
-def load_vqav2(
-    source: str | Path = VQAV2_ID,
-    rows: range | None = None,
-    columns: Sequence[str] = VQA_ACTIVATION_COLUMNS,
-    split: str = "validation",
-):
-    """`lmms-lab/VQAv2` (split `validation`, 214,354 rows; columns question_type, multiple_choice_answer, answers,
-    image_id, answer_type, question_id, question, image), a local copy of it, or a tiny stand-in with its column
-    names. `rows`: e.g. VQA_ADAPTATION_ROWS; `columns`: what the calling step reads, checked first."""
-    ds = _load_split(source, split)
-    check_columns(ds, columns, str(source))
-    return _rows(ds, rows, str(source))
-
-
-def load_vsr(source: str | Path = VSR_ID, split: str = "test", columns: Sequence[str] = VSR_BENCHMARK_COLUMNS):
-    """`cambridgeltl/vsr_random` (jsonl splits train/dev/test; columns image (a COCO 2017 file name), image_link,
-    caption, label (1 = true), relation, annotator_id, vote_true/false_validator_id), or a local copy."""
-    hub_kwargs = {"data_files": VSR_SPLIT_FILES}
-    ds = _load_split(source, split, hub_kwargs)
-    check_columns(ds, columns, str(source))
-    return ds
-
-
-def vsr_image(row: dict, image_root: str | Path | None) -> Image.Image:
-    """The image of a VSR row: the row's own image if the dataset holds one, else the COCO file `image` found under
-    `image_root` (directly, or in the train2017/val2017 folder its `image_link` names)."""
-    image = row["image"]
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if image_root is None:
-        raise FileNotFoundError(
-            f"VSR image {image!r}: the dataset holds file names only; pass image_root (a COCO 2017 image directory)"
-        )
-    root = Path(image_root)
-    link_dir = Path(str(row.get("image_link") or "")).parent.name
-    candidates = [root / image] + ([root / link_dir / image] if link_dir else [])
-    for path in candidates:
-        if path.exists():
-            return Image.open(path).convert("RGB")
-    raise FileNotFoundError(f"VSR image {image!r}: not found at {' or '.join(str(c) for c in candidates)}")
-
-
-def load_coco_captions(path: str | Path) -> dict[int, str]:
-    """COCO image id -> its first caption (file order), from a COCO captions annotation file such as
-    `captions_val2014.json` (annotations_trainval2014.zip from cocodataset.org): VQAv2's validation images are COCO
-    val2014, matched through VQAv2's `image_id`. The authors took the first caption per image the same way."""
-    path = Path(path)
-    data = _read_json(path)
-    anns = data.get("annotations")
-    if not isinstance(anns, list) or (anns and not {"image_id", "caption"} <= set(anns[0])):
-        raise DatasetSchemaError(f"{path}: expected COCO captions JSON with `annotations` holding image_id and caption")
-    captions: dict[int, str] = {}
-    for a in anns:
-        captions.setdefault(int(a["image_id"]), a["caption"].strip())
-    return captions
-
-
-def text_stream_pairs(vqa, captions: dict[int, str], name: str = VQAV2_ID) -> tuple[list[str], list[str]]:
-    """(captions, questions) for the text-only stream of VQAv2 rows; an image without a caption is an error."""
-    check_columns(vqa, VQA_TEXT_STREAM_COLUMNS, name)
-    image_ids, questions = vqa["image_id"], vqa["question"]
-    missing = next((i for i in image_ids if int(i) not in captions), None)
-    if missing is not None:
-        raise DatasetSchemaError(f"dataset {name}: image_id {missing} has no COCO caption in the captions file")
-    return [captions[int(i)] for i in image_ids], list(questions)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The paper profile's data for every step (lib.pipeline.data)
-
-# The keyword split of VQAv2 questions (METHOD.md, step 3: "left, right, above, below, behind, on top of, next to,
-# between, ..."). The list after "between" is the book's completion of the source's "...", stated here.
-SPATIAL_PATTERN = re.compile(
-    r"\b(left|right|above|below|behind|on top of|next to|between|beside|under|underneath|beneath|in front of|"
-    r"near|over|inside|outside|far|close to|top|bottom|middle|center|corner)\b",
-    re.IGNORECASE,
-)
-VSR_PROMPT = "Is the following statement correct? Answer only with 'Yes' or 'No'.\nStatement: {caption}\nAnswer:"
-
-
-def is_spatial_question(question: str) -> bool:
-    return SPATIAL_PATTERN.search(question) is not None
-
-
-def paper_data(P):
-    """`lib.pipeline.Data` for the paper profile: VQAv2 rows for adaptation and held-out metrics, COCO captions for
-    the text-only stream, the first `n_spatial_questions` spatial and as many general VQAv2 questions (adaptation
-    rows, keyword regex above) for probing, VSR as the statement benchmark. No ground truth, no control task."""
-    from lib.kernels.attribution import Statement
-    from lib.kernels.probing import SampleSet
-    from lib.steps.pipeline import Data, LazyPairs
-
-    cfg = P.paper
-    name = cfg.vqa_dataset
-    vqa = load_vqav2(name, columns=(*VQA_PROBING_COLUMNS, "image_id"), split=cfg.vqa_split)
-    adapt = _rows(vqa, range(*cfg.adapt_rows), name)
-    heldout = _rows(vqa, range(*cfg.heldout_rows), name)
-    pairs = lambda ds: LazyPairs(len(ds), lambda i: (ds[i]["image"], ds[i]["question"]))  # noqa: E731
-    captions = load_coco_captions(cfg.coco_captions)
-    caps, questions = text_stream_pairs(heldout, captions, name)
-    questions_all = adapt["question"]
-    spatial = [i for i, q in enumerate(questions_all) if is_spatial_question(q)][: cfg.n_spatial_questions]
-    general = [i for i, q in enumerate(questions_all) if not is_spatial_question(q)][: len(spatial)]
-    order = sorted(spatial + general)
-    probe_rows = adapt.select(order)
-    vsr = load_vsr(cfg.vsr_dataset, cfg.vsr_split)
-    root = cfg.coco_images or None
-    statements = [
-        Statement(vsr_image(row, root), VSR_PROMPT.format(caption=row["caption"]), bool(row["label"]), row["relation"])
-        for row in vsr
-    ]
-    return Data(
-        adapt=pairs(adapt),
-        heldout=pairs(heldout),
-        text=None,
-        heldout_text=list(zip(caps, questions, strict=True)),
-        probe=SampleSet(LazyPairs(len(probe_rows), lambda i: probe_rows[i]["image"]), list(probe_rows["question"])),
-        probe_spatial=np.array([is_spatial_question(q) for q in probe_rows["question"]]),
-        ground_truth=None,
-        statements=statements,
-        controls=[],
-        samples=None,
-    )
