@@ -10,7 +10,9 @@ import tomllib
 import fakes
 import pytest
 
-from lib.io.runner import REPO_ROOT, check_outputs, run_chapter, toc_chapters
+from lib.io.book import REPO_ROOT, toc_chapters
+from lib.io.book_check import check_outputs
+from lib.io.runner import run_chapter
 
 CHAPTERS = toc_chapters(REPO_ROOT)
 
@@ -73,9 +75,11 @@ def paper_profile(tmp_path_factory):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
-def test_chapter_runs_with_paper_code_on_fakes(chapter, paper_profile, fresh_cache, tmp_path):
+def test_chapter_runs_with_paper_code_on_fakes(chapter, paper_profile, fresh_cache, tmp_path, repo_untouched):
+    """As tests/test_chapters.py: notebook, outputs root and cache are temporary, and the working tree untouched."""
     chapter = chapter._replace(notebook=tmp_path / f"{chapter.stem}.ipynb")
-    result = run_chapter(chapter, str(paper_profile), REPO_ROOT)
+    outputs = tmp_path / "book"
+    result = run_chapter(chapter, str(paper_profile), REPO_ROOT, outputs)
     assert result.failure is None, f"{result.failure.summary()}\n{result.failure.traceback}"
-    problems = check_outputs(REPO_ROOT, str(paper_profile), [chapter])
+    problems = check_outputs(REPO_ROOT, str(paper_profile), [chapter], outputs)
     assert not problems, problems

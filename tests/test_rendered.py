@@ -1,9 +1,16 @@
-"""The built book as a reader sees it: every page in `_toc.yml` loads in headless Chromium and every image decodes.
+"""The built book as a reader sees it: every page in `_toc.yml` loads in headless Chromium, every image decodes, and
+no page shows an absolute path of the build machine, a Python warning, an error, stderr or a progress bar
+(lib/io/book_check.py's `scan_html`).
 
 Run after `make book`:  `make rendered`  (or `pytest -m rendered tests/test_rendered.py`).
 
 Skipped when `_build/html` or Chromium is missing, unless REQUIRE_RENDERED=1 (CI sets it), which turns the skip into a
 failure so that a missing build can never pass for a checked one.
+
+The tests not marked `rendered` (they run with `make test`) build a two-page book of their own with the project's
+`_config.yml`: Jupyter Book honours the cell tags the chapters use to hide plumbing (`remove-cell`, `remove-input`,
+`remove-output`, `hide-input`, `hide-output`), and `scan_html` finds each kind of problem in a built page and
+nothing in a clean one.
 
 How: `_build/html` is served on 127.0.0.1 by `http.server` in a thread. The server adds a small probe script to
 every HTML page it sends; after the page's `load` event the probe makes every image load eagerly, waits until each
@@ -21,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import warnings
 from functools import partial
@@ -28,11 +36,11 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NamedTuple
 
+import nbformat
 import pytest
 
-from lib.io.runner import REPO_ROOT, declared_outputs, toc_chapters, toc_files
-
-pytestmark = pytest.mark.rendered
+from lib.io.book import REPO_ROOT, declared_outputs, toc_chapters, toc_files
+from lib.io.book_check import scan_html
 
 HTML_DIR = REPO_ROOT / "_build" / "html"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -163,6 +171,7 @@ def pages() -> list[str]:
     return toc_files(REPO_ROOT) if (REPO_ROOT / "_toc.yml").is_file() else []
 
 
+@pytest.mark.rendered
 @pytest.mark.parametrize("page", pages())
 def test_page_loads_and_every_image_decodes(page, server, tmp_path):
     base, requests = server
@@ -192,6 +201,19 @@ def test_page_loads_and_every_image_decodes(page, server, tmp_path):
         )
 
 
+@pytest.mark.rendered
+@pytest.mark.parametrize("page", pages())
+def test_page_shows_no_machine_path_warning_or_error(page):
+    """The page as built (no browser needed): every cell's outputs, and machine paths anywhere in it."""
+    if not HTML_DIR.is_dir():
+        _skip_or_fail(f"{HTML_DIR} does not exist: run `make book` first")
+    path = HTML_DIR / f"{page}.html"
+    assert path.is_file(), f"_toc.yml lists {page} but the build has no {path.relative_to(REPO_ROOT)}"
+    problems = scan_html(path.read_text(encoding="utf-8"), f"{page}.html")
+    assert not problems, f"{page}.html shows what a page must not:\n" + "\n".join(f"  {p}" for p in problems)
+
+
+@pytest.mark.rendered
 def test_index_redirects_to_the_root_page():
     """jupyter-book writes index.html as a bare meta refresh to the toc's root page (no <head>, nothing to probe)."""
     index = HTML_DIR / "index.html"
@@ -201,3 +223,114 @@ def test_index_redirects_to_the_root_page():
     assert target, f"{index} is not a redirect"
     assert target.group(1) == f"{pages()[0]}.html", f"index.html redirects to {target.group(1)}, not the root page"
     assert (HTML_DIR / target.group(1)).is_file(), f"index.html redirects to a missing page {target.group(1)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A book of our own, built with the project's _config.yml (a few seconds; no `make book`, no Chromium)
+
+
+def _cell(source: str, tags: list[str], *outputs) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = tags
+    if not outputs and source.startswith("src_"):  # a tagged cell of the `tags` page prints out_<tag>
+        outputs = (nbformat.v4.new_output("stream", name="stdout", text=f"out_{source[4:]}\n"),)
+    cell.outputs = list(outputs)
+    return cell
+
+
+def _page(title: str, cells: list) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {title}"), *cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+@pytest.fixture(scope="module")
+def small_book(tmp_path_factory) -> Path:
+    """Two executed notebooks as the runner leaves them, built as `make html` builds the book; returns the HTML
+    folder. `tags`: the chapter's `parameters` cell tagged `remove-cell` beside papermill's injected one, then one
+    cell per tag (its source `src_<tag>`, its output `out_<tag>`). `leaks`: one cell per kind of problem."""
+    root = tmp_path_factory.mktemp("small_book")
+    shutil.copy(REPO_ROOT / "_config.yml", root / "_config.yml")
+    toc = "format: jb-book\nroot: book/notebooks/tags\nchapters:\n  - file: book/notebooks/leaks\n"
+    (root / "_toc.yml").write_text(toc)
+    notebooks = root / "book" / "notebooks"
+    notebooks.mkdir(parents=True)
+    tags = ["remove-cell", "remove-input", "remove-output", "hide-input", "hide-output"]
+    nbformat.write(
+        _page(
+            "Tags",
+            [
+                _cell('profile = "chapter_default"', ["parameters", "remove-cell"]),
+                _cell('# Parameters\nprofile = "injected_profile"', ["injected-parameters"]),
+                *(_cell(f"src_{tag.replace('-', '_')}", [tag]) for tag in tags),
+                _cell("src_untagged", []),
+            ],
+        ),
+        notebooks / "tags.ipynb",
+    )
+
+    def stream(text, name="stdout"):
+        return nbformat.v4.new_output("stream", name=name, text=text)
+
+    nbformat.write(
+        _page(
+            "Leaks",
+            [
+                _cell("clean()", [], stream("42 features\n")),
+                _cell("where()", [], stream("written to /tmp/leak/table.csv\n")),
+                _cell("import lib", [], stream("lib/x.py:3: FutureWarning: old\n", "stderr")),
+                _cell("fails()", [], nbformat.v4.new_output("error", ename="ValueError", evalue="boom", traceback=[])),
+                _cell("bar()", [], stream("\\rbar:  40%|####      | 2/5 [00:01<00:01]\n")),
+            ],
+        ),
+        notebooks / "leaks.ipynb",
+    )
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    done = subprocess.run(
+        [str(jupyter_book), "build", "--all", "--warningiserror", "--keep-going", "."],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root / "_build" / "html"
+
+
+def _folded(page: str) -> tuple[str, str]:
+    """(what the page shows at once, what it folds into a `<details>` toggle)."""
+    folded = re.findall(r"<details.*?</details>", page, re.DOTALL)
+    return re.sub(r"<details.*?</details>", "", page, flags=re.DOTALL), "".join(folded)
+
+
+def test_cell_tags_hide_plumbing_in_the_built_page(small_book):
+    shown, folded = _folded((small_book / "book" / "notebooks" / "tags.html").read_text())
+    everywhere = shown + folded
+    assert "chapter_default" not in everywhere, "the chapter's own parameters cell is shown beside the injected one"
+    assert shown.count("injected_profile") == 1
+    assert "src_remove_cell" not in everywhere and "out_remove_cell" not in everywhere
+    assert "src_remove_input" not in everywhere and "out_remove_input" in shown
+    assert "src_remove_output" in shown and "out_remove_output" not in everywhere
+    assert "src_hide_input" in folded and "src_hide_input" not in shown and "out_hide_input" in shown
+    assert "src_hide_output" in shown and "out_hide_output" in folded and "out_hide_output" not in shown
+    assert "src_untagged" in shown and "out_untagged" in shown
+
+
+def test_scan_html_finds_nothing_on_a_clean_built_page(small_book):
+    """The book was built under the temporary directory: a theme or Sphinx that wrote its build path into the page
+    would show here."""
+    assert scan_html((small_book / "book" / "notebooks" / "tags.html").read_text(), "tags.html") == []
+
+
+def test_scan_html_finds_each_kind_of_problem_in_a_built_page(small_book):
+    problems = scan_html((small_book / "book" / "notebooks" / "leaks.html").read_text(), "leaks.html")
+    found = [(p.cell, p.source, p.kind) for p in problems]
+    assert found == [
+        (1, "where()", "absolute path"),
+        (2, "import lib", "stderr output"),
+        (2, "import lib", "warning"),
+        (3, "fails()", "error output"),
+        (4, "bar()", "progress bar"),
+    ], found
+    assert str(problems[0]) == "leaks.html, cell 1 (where()): absolute path: written to /tmp/leak/table.csv"

@@ -1,10 +1,12 @@
-"""lib/runner.py on a throwaway book: its own _toc.yml, profiles and chapters in a temporary directory.
+"""lib/io/runner.py (with lib/io/book.py and lib/io/book_check.py) on a throwaway book: its own _toc.yml, profiles
+and chapters in a temporary directory.
 
 The tests that execute chapters start real kernels (about 2 s each); the chapters they run are a few lines long.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +16,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lib.io import runner
-from lib.io.runner import REPO_ROOT, RunnerError
+from lib.io import book, book_check, runner
+from lib.io.book import REPO_ROOT, RunnerError
 
 HEADER = """\
 # ---
@@ -60,9 +62,15 @@ def make_book(tmp_path: Path) -> Path:
     return root
 
 
-def run(root: Path, *args: str) -> subprocess.CompletedProcess:
+# Variables the runner must set for the kernels itself, whatever the calling shell has.
+RUNNER_SETS = (*runner.KERNEL_ENV, runner.OUTPUTS_ENV, runner.CACHE_EVENTS_ENV, "PYTHONWARNINGS")
+
+
+def run(root: Path, *args: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     """The runner as `make` calls it: a separate process, judged by its exit status and what it prints."""
-    env = {k: v for k, v in os.environ.items() if k not in runner.KERNEL_ENV}  # the runner must set them itself
+    env = {k: v for k, v in os.environ.items() if k not in RUNNER_SETS}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return subprocess.run(
         [sys.executable, "-m", "lib.io.runner", "--root", str(root), *args],
         cwd=REPO_ROOT,
@@ -73,24 +81,39 @@ def run(root: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-# A chapter that saves what it declares, reports the profile and environment it saw, and prints cache lines.
+# A chapter that reports the profile and environment it saw, runs a tqdm bar (which must leave nothing behind),
+# records cache lookups the way lib/io/cache.py does (one JSON line each, in the file SPATIAL_CACHE_EVENTS names),
+# and saves what it declares under the outputs root the runner gave it.
 GOOD_BODY = """\
 # %%
+import json
 import os
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+ENV = ("HF_HUB_OFFLINE", "WANDB_MODE", "PIP_NO_INDEX", "MPLBACKEND", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
 print("profile seen:", profile)
-print("env:", *(f"{k}={os.environ.get(k)}" for k in ("HF_HUB_OFFLINE", "WANDB_MODE", "PIP_NO_INDEX", "MPLBACKEND")))
-print("cwd:", Path.cwd())
-print("[cache] reused world (0123456789)")
-print("[cache] computed lm (abcdef0123) in 2.5 s")
+print("env:", *(f"{k}={os.environ.get(k)}" for k in ENV))
+print("cwd:", Path.cwd().name)
+print("outputs under the root:", os.environ["SPATIAL_BOOK_OUTPUTS"] == str(Path.cwd() / "book"))
+for _ in tqdm(range(3), desc="a bar"):
+    pass
+with open(os.environ["SPATIAL_CACHE_EVENTS"], "a") as f:
+    for event in [
+        {"event": "reused", "name": "world", "key": "0123456789abcdef", "seconds": None, "store": None},
+        {"event": "reused", "name": "organism", "key": "0123456789abcdee", "seconds": None, "store": "artifacts"},
+        {"event": "computed", "name": "lm", "key": "abcdef0123456789", "seconds": 2.5, "store": None},
+    ]:
+        f.write(json.dumps(event) + "\\n")
 
 # %%
-fig_dir = Path("book/figures") / profile / "01_good"
+out = Path(os.environ["SPATIAL_BOOK_OUTPUTS"])
+fig_dir = out / "figures" / profile / "01_good"
 fig_dir.mkdir(parents=True, exist_ok=True)
 (fig_dir / "curve.png").write_bytes(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(16))
 (fig_dir / "curve.pdf").write_bytes(b"%PDF-1.4\\n")
-table_dir = Path("book/tables") / profile / "01_good"
+table_dir = out / "tables" / profile / "01_good"
 table_dir.mkdir(parents=True, exist_ok=True)
 (table_dir / "counts.csv").write_text("name,count\\nx,1\\n")
 """
@@ -151,18 +174,33 @@ def test_profile_is_injected_and_kernel_environment_set(executed_book):
     assert nb.metadata.papermill.input_path == "chapters/01_good.py"  # not the whole notebook (papermill's default)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "profile seen: tiny" in text
-    assert "HF_HUB_OFFLINE=1 WANDB_MODE=disabled PIP_NO_INDEX=1 MPLBACKEND=Agg" in text
-    assert f"cwd: {root.resolve()}" in text
+    env = "HF_HUB_OFFLINE=1 WANDB_MODE=disabled PIP_NO_INDEX=1 MPLBACKEND=Agg"
+    assert f"{env} TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1" in text
+    assert "cwd: book_root" in text
+    assert "outputs under the root: True" in text
+
+
+def test_page_shows_the_profile_once_and_no_progress_bar(executed_book):
+    """The chapter's own `parameters` cell is removed from the page (papermill's injected one says the profile), and
+    the tqdm bar left nothing: no stderr, no IProgress warning with the venv's path, nothing the scanner flags."""
+    root, _ = executed_book
+    nb = nbformat.read(root / "book" / "notebooks" / "01_good.ipynb", as_version=4)
+    tags = [c.metadata.get("tags", []) for c in nb.cells if c.cell_type == "code"]
+    assert tags[0] == ["parameters", "remove-cell"] and tags[1] == ["injected-parameters"], tags
+    assert not any("remove-cell" in t for t in tags[1:])
+    assert book_check.scan_notebook(nb, "01_good") == []
+    assert not any(o.get("name") == "stderr" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert nb.metadata.papermill.output_path == "book/notebooks/01_good.ipynb"
 
 
 def test_log_summarises_cache_use_and_time(executed_book):
     root, done = executed_book
     log = (root / "book" / "logs" / "tiny.log").read_text()
     assert "01_good: ok in" in log
-    assert "reused (1): world" in log
-    assert "computed (1): lm (2.5 s)" in log
+    assert "  reused (2): world, organism (committed)\n  computed (1): lm (2.5 s)\n" in log
     assert "02_bad: FAILED" in log
-    assert "reused (1): world" in done.stdout  # progress output carries the same summary
+    assert "reused (2): world, organism (committed)" in done.stdout  # progress output carries the same summary
+    assert "[cache]" not in log
 
 
 def test_check_passes_for_what_was_written(executed_book):
@@ -206,7 +244,7 @@ def test_check_rejects_a_notebook_executed_with_another_profile(tmp_path):
     nb = nbformat.v4.new_notebook(metadata={"papermill": {"parameters": {"profile": "tiny"}}})
     (root / "book" / "notebooks").mkdir(parents=True)
     nbformat.write(nb, root / "book" / "notebooks" / "01_x.ipynb")
-    problems = runner.check_outputs(root, "default", runner.toc_chapters(root))
+    problems = book_check.check_outputs(root, "default", book.toc_chapters(root))
     assert problems == ["01_x: book/notebooks/01_x.ipynb was executed with profile 'tiny', not 'default'"]
 
 
@@ -218,7 +256,7 @@ def test_check_rejects_a_file_that_is_not_what_its_extension_says(tmp_path):
     fig_dir.mkdir(parents=True)
     (fig_dir / "f.png").write_text("not a png")
     (fig_dir / "f.pdf").write_bytes(b"%PDF-1.7\n")
-    problems = runner.check_outputs(root, "default", runner.toc_chapters(root))
+    problems = book_check.check_outputs(root, "default", book.toc_chapters(root))
     assert "01_x: book/figures/default/01_x/f.png is not a PNG file" in problems
     assert not any("f.pdf" in p for p in problems)
 
@@ -250,7 +288,7 @@ def test_toc_entry_without_chapter_file_is_a_clear_error(tmp_path):
     root = make_book(tmp_path)
     write_toc(root, ["01_nowhere"])
     with pytest.raises(RunnerError, match=r"lists `book/notebooks/01_nowhere`, so .*chapters/01_nowhere.py should"):
-        runner.toc_chapters(root)
+        book.toc_chapters(root)
 
 
 def test_chapter_without_parameters_cell_is_rejected_before_running(tmp_path):
@@ -270,7 +308,7 @@ def test_malformed_book_outputs_names_the_field(tmp_path):
     path.write_text(path.read_text().replace("#     figures: []", "#     figure: [oops]"))
     write_toc(root, ["01_x"])
     with pytest.raises(RunnerError, match=r"01_x.py: header field `jupyter.book_outputs`"):
-        runner.declared_outputs(runner.toc_chapters(root)[0])
+        book.declared_outputs(book.toc_chapters(root)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,34 +335,50 @@ def test_toc_order_follows_parts_chapters_and_sections(tmp_path):
               - file: book/notebooks/01_a.ipynb
         """)
     )
-    assert runner.toc_files(root) == [
+    assert book.toc_files(root) == [
         "book/intro",
         "book/notebooks/02_b",
         "book/notebooks/03_c",
         "book/methods",
         "book/notebooks/01_a",
     ]
-    assert [c.stem for c in runner.toc_chapters(root)] == ["02_b", "03_c", "01_a"]
-    assert [c.stem for c in runner.select_chapters(runner.toc_chapters(root), ["01_a", "chapters/02_b.py"])] == [
+    assert [c.stem for c in book.toc_chapters(root)] == ["02_b", "03_c", "01_a"]
+    assert [c.stem for c in book.select_chapters(book.toc_chapters(root), ["01_a", "chapters/02_b.py"])] == [
         "02_b",
         "01_a",
     ]
 
 
-def test_cache_events_reads_stream_outputs_only():
-    nb = nbformat.v4.new_notebook(
-        cells=[
-            nbformat.v4.new_code_cell(
-                outputs=[
-                    nbformat.v4.new_output("stream", name="stdout", text="[cache] reused world (01ab)\nother\n"),
-                    nbformat.v4.new_output("stream", name="stdout", text="[cache] computed sae_l3 (ff00) in 12.25 s\n"),
-                    nbformat.v4.new_output("execute_result", data={"text/plain": "[cache] reused not_a_log_line"}),
-                ]
-            ),
-            nbformat.v4.new_markdown_cell("[cache] reused prose"),
-        ]
-    )
-    assert runner.cache_events(nb) == (["world"], [("sae_l3", 12.25)])
+def test_cache_events_file_becomes_one_short_summary(tmp_path):
+    """The JSON lines lib/io/cache.py appends (written here by hand): an artifact looked up twice counts once, as its
+    last outcome; a corrupt one is named; a line that is not an event is counted, not fatal."""
+
+    def event(kind, name, key, seconds=None, store=None):
+        return json.dumps({"event": kind, "name": name, "key": key, "seconds": seconds, "store": store})
+
+    path = tmp_path / "events.jsonl"
+    lines = [
+        event("reused", "world", "k1"),
+        event("reused", "world", "k1"),
+        event("reused", "organism", "k2", store="artifacts"),
+        event("corrupt", "sae_l3", "k3"),
+        event("computed", "sae_l3", "k3", seconds=12.25),
+        event("computed", "probe", "k4", seconds=0.5),
+        "not json",
+        "",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    report = runner.read_cache_events(path)
+    assert report.reused == (("world", None), ("organism", "artifacts"))
+    assert report.computed == (("sae_l3", 12.25), ("probe", 0.5))
+    assert report.corrupt == ("sae_l3",) and report.unreadable == 1
+    assert report.lines() == [
+        "reused (2): world, organism (committed)",
+        "computed (2): sae_l3 (12.2 s), probe (0.5 s); 12.8 s in all",
+        "corrupt, built again (1): sae_l3",
+        "(1 line(s) of the cache's events file were not events)",
+    ]
+    assert runner.read_cache_events(tmp_path / "none.jsonl").lines() == ["reused (0): -", "computed (0): -"]
 
 
 def test_failing_cell_index_ignores_papermills_inserted_cells():
@@ -352,15 +406,15 @@ def test_failing_cell_index_ignores_papermills_inserted_cells():
 
 def test_known_profiles_are_the_ones_lib_profiles_loads():
     profiles = pytest.importorskip("lib.io.profiles")
-    assert runner.known_profiles(REPO_ROOT) == profiles.available_profiles()
+    assert book.known_profiles(REPO_ROOT) == profiles.available_profiles()
 
 
 def test_repository_toc_lists_existing_chapters_with_valid_headers():
     """The real _toc.yml: every chapter it names exists, follows the conventions and declares its outputs."""
-    chapters = runner.toc_chapters(REPO_ROOT)
+    chapters = book.toc_chapters(REPO_ROOT)
     assert chapters, "_toc.yml lists no chapter"
     for chapter in chapters:
-        runner.read_chapter(chapter)
+        book.read_chapter(chapter)
 
 
 def test_unchanged_chapter_is_not_executed_again_and_force_executes_it(tmp_path):
@@ -400,3 +454,130 @@ def test_chapter_for_another_kind_of_profile_gets_a_page_saying_so(tmp_path):
     assert not any(c.cell_type == "code" for c in page.cells)
     checked = run(root, "--profile", "tiny", "--check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The outputs root: a run with a temporary one writes nothing into the repository
+
+
+# A chapter that writes through the library's own Outputs (which falls back to the repository's book/ when nobody
+# tells it otherwise), so a runner that forgot to pass the outputs root would write into the working tree.
+OUTPUTS_BODY = """\
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from lib.io.outputs import Outputs
+
+out = Outputs("01_outputs", profile)
+fig, ax = plt.subplots(figsize=(2, 2))
+ax.plot([0, 1], [0, 1])
+out.figure(fig, "line")
+out.table(pd.DataFrame({"x": [1.0, 2.0]}), "values")
+"""
+
+
+def test_run_with_a_temporary_outputs_root_writes_nothing_into_the_repository(tmp_path, repo_untouched):
+    root = make_book(tmp_path)
+    write_chapter(root, "01_outputs", OUTPUTS_BODY, figures="line", tables="values")
+    write_toc(root, ["01_outputs"])
+    outputs = tmp_path / "outputs"
+    # The kernel imports lib from this checkout (the throwaway root has no library of its own).
+    done = run(root, "--profile", "tiny", "--outputs", str(outputs), pythonpath=str(REPO_ROOT))
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rel in ("figures/tiny/01_outputs/line.png", "tables/tiny/01_outputs/values.csv", "logs/tiny.log"):
+        assert (outputs / rel).is_file(), rel
+    nb = nbformat.read(outputs / "notebooks" / "01_outputs.ipynb", as_version=4)
+    assert book_check.scan_notebook(nb, "01_outputs") == []
+    assert not (root / "book").exists(), "the run wrote under <root>/book although --outputs named another root"
+    checked = run(root, "--profile", "tiny", "--check", "--outputs", str(outputs))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_runner_and_outputs_agree_on_the_variable_name(monkeypatch, tmp_path):
+    outputs = pytest.importorskip("lib.io.outputs")
+    assert outputs.OUTPUTS_ENV == runner.OUTPUTS_ENV
+    monkeypatch.setenv(runner.OUTPUTS_ENV, str(tmp_path))
+    assert outputs.Outputs("01_x", "tiny").figures == tmp_path / "figures" / "tiny" / "01_x"
+    monkeypatch.delenv(runner.OUTPUTS_ENV)
+    assert outputs.Outputs("01_x", "tiny").tables == REPO_ROOT / "book" / "tables" / "tiny" / "01_x"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a page must not show (lib/io/book_check.py), on a synthetic notebook with one problem of each kind
+
+MACHINE = ("/home/ci/checkout", "/home/ci/checkout/.venv", "site-packages", "/tmp/")
+
+
+def _cell(source: str, *outputs, tags=()) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(source)
+    cell.outputs = list(outputs)
+    cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def _stream(text: str, name: str = "stdout") -> nbformat.NotebookNode:
+    return nbformat.v4.new_output("stream", name=name, text=text)
+
+
+def test_scanner_finds_each_kind_of_problem_and_names_chapter_cell_and_text():
+    warning = "/home/ci/checkout/.venv/lib/python3.11/site-packages/x.py:3: FutureWarning: `y` is deprecated\n"
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("Prose may say /tmp/ or site-packages: markdown is not output."),
+            _cell("clean = 1", _stream("42 features\n")),
+            _cell("print(cache.root)", _stream("cache in /home/ci/checkout/.cache/artifacts\n")),
+            _cell("import lib", _stream(warning, "stderr")),
+            _cell("warn_plain()", _stream("UserWarning: no location\n")),
+            _cell("log_it()", _stream("Traceback (most recent call last):\n  File ...\n")),
+            _cell("fails()", nbformat.v4.new_output("error", ename="ValueError", evalue="boom", traceback=[])),
+            _cell("noisy()", _stream("just a note\n", "stderr")),
+            _cell("for x in tqdm(xs): ...", _stream("\rbar:  40%|####      | 2/5 [00:01<00:01]")),
+            _cell("t", nbformat.v4.new_output("execute_result", data={"text/plain": "'/tmp/x.csv'"})),
+            _cell("img", nbformat.v4.new_output("display_data", data={"image/png": "iVBOR/tmp/site-packages"})),
+            _cell("hidden()", _stream("/tmp/fine: the page does not show it\n", "stderr"), tags=["remove-output"]),
+        ]
+    )
+    problems = book_check.scan_notebook(nb, "01_x", MACHINE)
+    found = [(p.cell, p.kind) for p in problems]
+    assert found == [
+        (2, "absolute path"),
+        (3, "stderr output"),
+        (3, "absolute path"),  # a warning line that shows a path is reported for the path
+        (4, "warning"),
+        (5, "traceback"),
+        (6, "error output"),
+        (7, "stderr output"),
+        (8, "progress bar"),
+        (9, "absolute path"),
+    ], found
+    assert str(problems[0]) == (
+        "01_x, cell 2 (print(cache.root)): absolute path: cache in /home/ci/checkout/.cache/artifacts"
+    )
+    assert "ValueError: boom" in str(problems[5])
+
+
+def test_scanner_reports_a_warning_without_a_path_and_ignores_prose_that_mentions_one():
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            _cell("a", _stream("src/x.py:3: DeprecationWarning: old\n")),
+            _cell("b", _stream("the word Warning: in a sentence is fine\n", "stdout")),
+        ]
+    )
+    assert [(p.cell, p.kind) for p in book_check.scan_notebook(nb, "01_x", MACHINE)] == [(0, "warning")]
+
+
+def test_check_fails_on_a_page_that_shows_what_it_must_not(tmp_path):
+    root = make_book(tmp_path)
+    write_chapter(root, "01_x", "# %%\npass\n")
+    write_toc(root, ["01_x"])
+    nb = nbformat.v4.new_notebook(
+        cells=[_cell("import lib", _stream(f"{sys.prefix}/lib/x.py:1: UserWarning: careful\n", "stderr"))],
+        metadata={"papermill": {"parameters": {"profile": "tiny"}}},
+    )
+    (root / "book" / "notebooks").mkdir(parents=True)
+    nbformat.write(nb, root / "book" / "notebooks" / "01_x.ipynb")
+    done = run(root, "--profile", "tiny", "--check")
+    assert done.returncode == 1
+    assert "01_x, cell 0 (import lib): stderr output:" in done.stderr
+    assert "01_x, cell 0 (import lib): absolute path:" in done.stderr

@@ -1,13 +1,16 @@
 """What a chapter writes: figures (PNG for the page, PDF for print) and tables (CSV), at predictable paths.
 
-    book/figures/<profile>/<chapter>/<name>.png|.pdf
-    book/tables/<profile>/<chapter>/<name>.csv
+    <outputs>/figures/<profile>/<chapter>/<name>.png|.pdf
+    <outputs>/tables/<profile>/<chapter>/<name>.csv
 
-The runner (`lib/runner.py --check`) compares these files with the outputs each chapter declares in its header.
+The outputs root is the repository's `book/` unless the environment variable SPATIAL_BOOK_OUTPUTS names another;
+the runner (lib/io/runner.py) sets it for the kernels it starts, so a test run writes into its own temporary
+directory. `python -m lib.io.runner --check` compares these files with the outputs each chapter declares.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +19,12 @@ import pandas as pd
 import seaborn as sns
 
 BOOK_DIR = Path(__file__).resolve().parents[2] / "book"
+OUTPUTS_ENV = "SPATIAL_BOOK_OUTPUTS"  # the runner's name for it too (lib.io.runner.OUTPUTS_ENV)
+
+
+def outputs_root() -> Path:
+    """Where figures and tables go: SPATIAL_BOOK_OUTPUTS when set, else the repository's book/."""
+    return Path(os.environ.get(OUTPUTS_ENV) or BOOK_DIR)
 
 
 def style() -> None:
@@ -41,9 +50,12 @@ def _display(obj) -> None:
 
 
 class Outputs:
-    """`out = Outputs("01_world", profile)`; then `out.figure(fig, "scene_grid")` and `out.table(df, "counts")`."""
+    """`out = Outputs("01_world", profile)`; then `out.figure(fig, "scene_grid")` and `out.table(df, "counts")`.
 
-    def __init__(self, chapter: str, profile_name: str, root: Path = BOOK_DIR):
+    `root` defaults to `outputs_root()`, read when the Outputs is made."""
+
+    def __init__(self, chapter: str, profile_name: str, root: Path | None = None):
+        root = Path(root) if root is not None else outputs_root()
         self.chapter = chapter
         self.figures = root / "figures" / profile_name / chapter
         self.tables = root / "tables" / profile_name / chapter

@@ -1,20 +1,29 @@
-"""Execute the book's chapters and check what they produced.
+"""Execute the book's chapters and report what each did.
 
     python -m lib.io.runner --profile default                  # every chapter, in _toc.yml order
     python -m lib.io.runner --profile tiny --chapter 01_world  # one chapter (repeat --chapter for more)
-    python -m lib.io.runner --profile default --check          # only check the declared figures and tables
+    python -m lib.io.runner --profile default --check          # only check the outputs and the executed pages
+    python -m lib.io.runner --profile tiny --outputs DIR       # notebooks, figures, tables and log under DIR
 
 Execution and rendering are separate steps (the QuantEcon habit): this module executes each `chapters/<stem>.py`
 (Jupytext percent format) with papermill, injecting the profile into the cell tagged `parameters`, and writes
 `book/notebooks/<stem>.ipynb`; `jupyter-book build` then renders those notebooks without executing anything. The
-chapter list and its order come from `_toc.yml` (`book/notebooks/<stem>` <-> `chapters/<stem>.py`), so there is
-one list of chapters, not two.
+chapter list, the chapters' conventions and where a run writes are in lib/io/book.py; `--check` is
+lib/io/book_check.py. Everything a run writes goes under one outputs root, the repository's `book/` unless
+`--outputs` names another: the runner tells the kernels through SPATIAL_BOOK_OUTPUTS, which lib/io/outputs.py reads.
+
+The executed notebook is tidied for its page: the chapter's own `parameters` cell is tagged `remove-cell`, so the
+page shows the profile once, in papermill's `injected-parameters` cell. The kernels run without progress bars.
+
+The log (`<outputs>/logs/<profile>.log`) has one short summary per chapter: its status and time, and what its
+artifact lookups reused and computed (and how long that took). The kernel's cache (lib/io/cache.py) appends one
+JSON line per lookup to the file SPATIAL_CACHE_EVENTS names, a fresh one per chapter; `read_cache_events` sums it up.
 
 A chapter whose inputs have not changed since it was last executed with the same profile (its source, the profile
 files, the library and the pinned requirements, hashed into `run_key`), and whose declared outputs are all present,
 is not executed again: its executed notebook and outputs are reused, as Jupyter Book's own execution cache would do.
 `--force` executes every chosen chapter anyway; the expensive steps inside a chapter are cached separately
-(lib/cache.py), so a forced run reuses every artifact whose settings did not change.
+(lib/io/cache.py), so a forced run reuses every artifact whose settings did not change.
 
 A failing cell stops the run with exit status 1 and a report naming the chapter, the cell and the exception. A
 mistake the user can fix (unknown profile or chapter, malformed `_toc.yml`, a chapter that breaks the conventions)
@@ -24,57 +33,66 @@ exits with status 2 and one message naming the file and what was expected.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import jupytext
 import nbformat
 import papermill
-import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TOC_NOTEBOOK_DIR = "book/notebooks"  # where _toc.yml points for executed chapters
-CHAPTER_DIR = "chapters"
-PROFILE_DIR = "lib/profiles"  # <name>.toml: the files lib.profiles.load_profile reads
+from lib.io.book import (
+    CHAPTER_DIR,
+    REPO_ROOT,
+    Chapter,
+    RunnerError,
+    check_profile,
+    default_outputs,
+    missing_sections,
+    read_chapter,
+    select_chapters,
+    shown_path,
+    toc_chapters,
+    with_outputs,
+)
+from lib.io.book_check import PageProblem, check_book, check_outputs, scan_notebook
 
 # The kernels run offline and headless whatever the calling shell has set: nothing may come from the hub, wandb
-# must not try to log in, pip must not reach an index, matplotlib must not look for a display.
-KERNEL_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PIP_NO_INDEX": "1", "MPLBACKEND": "Agg"}
+# must not try to log in, pip must not reach an index, matplotlib must not look for a display. Nor may a page show
+# a progress bar: TQDM_DISABLE turns off every tqdm bar whose caller does not pass `disable` itself (tqdm >= 4.66
+# reads TQDM_<ARG> as the default of <arg>), transformers' "Loading weights" among them;
+# HF_HUB_DISABLE_PROGRESS_BARS turns off the hub's bars and, read by transformers at import, its own as well.
+# (TRANSFORMERS_VERBOSITY=error does not remove "Loading weights" in transformers 5.23: it only quiets the logger.)
+KERNEL_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "PIP_NO_INDEX": "1",
+    "MPLBACKEND": "Agg",
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+# Added to the kernels' PYTHONWARNINGS. tqdm.auto (imported by transformers and huggingface_hub) warns "IProgress
+# not found" in a kernel without ipywidgets, in a line that shows the virtual environment's path; with the bars off
+# there is nothing for ipywidgets to draw, so that one warning, matched by its message, is ignored.
+KERNEL_WARNING_FILTERS = ("ignore:IProgress not found",)
+# How the runner tells a kernel where to write: the outputs root (read by lib/io/outputs.py) and the file
+# lib/io/cache.py appends one JSON line per artifact lookup to.
+OUTPUTS_ENV = "SPATIAL_BOOK_OUTPUTS"
+CACHE_EVENTS_ENV = "SPATIAL_CACHE_EVENTS"
 
-# Lines lib/cache.py prints into a notebook's output, e.g. "[cache] reused lm (3fa9c01b2e)" and
-# "[cache] computed lm (3fa9c01b2e) in 12.3 s" (the key in brackets is optional); summarised per chapter.
-_KEY = r"(?: \((?P<key>[0-9a-f]+)\))?"
-CACHE_REUSED_RE = re.compile(rf"^\[cache\] reused (?P<name>\S+){_KEY}", re.MULTILINE)
-CACHE_COMPUTED_RE = re.compile(rf"^\[cache\] computed (?P<name>\S+){_KEY} in (?P<seconds>[0-9.]+) ?s", re.MULTILINE)
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # papermill adds two markdown cells with this tag to a notebook that failed (a banner and an anchor).
 PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
-
-
-class RunnerError(Exception):
-    """A mistake the user can fix: the message names the file or option and what was expected."""
-
-
-class Chapter(NamedTuple):
-    stem: str  # e.g. "01_world"
-    source: Path  # chapters/<stem>.py
-    notebook: Path  # book/notebooks/<stem>.ipynb (the executed copy the book renders)
-
-
-class BookOutputs(NamedTuple):
-    """What a chapter declares in its header under `book_outputs`."""
-
-    figures: tuple[str, ...]
-    tables: tuple[str, ...]
+# What a chapter's execution depends on besides its own source: a change to any of these re-executes it.
+RUN_KEY_GLOBS = ("lib/**/*.py", "lib/profiles/*.toml", "requirements.txt")
 
 
 class CellFailure(NamedTuple):
@@ -92,136 +110,65 @@ class CellFailure(NamedTuple):
         return f"chapter {self.chapter} failed in {cell}\n  {self.ename}: {self.evalue}"
 
 
-class ChapterResult(NamedTuple):
-    chapter: Chapter
-    seconds: float
-    reused: list[str]
-    computed: list[tuple[str, float]]
-    failure: CellFailure | None
+class CacheReport(NamedTuple):
+    """What a chapter's artifact lookups came to, one entry per artifact (name and key) with its last outcome."""
+
+    reused: tuple[tuple[str, str | None], ...] = ()  # (name, store): store None for the local cache
+    computed: tuple[tuple[str, float], ...] = ()  # (name, seconds its build took)
+    corrupt: tuple[str, ...] = ()  # found corrupt (and so built again)
+    unreadable: int = 0  # lines of the events file that were not an event
+
+    def lines(self) -> list[str]:
+        reused = [f"{name} (committed)" if store else name for name, store in self.reused]
+        computed = [f"{name} ({s:.1f} s)" for name, s in self.computed]
+        total = f"; {sum(s for _, s in self.computed):.1f} s in all" if len(computed) > 1 else ""
+        lines = [
+            f"reused ({len(reused)}): {', '.join(reused) or '-'}",
+            f"computed ({len(computed)}): {', '.join(computed) or '-'}{total}",
+        ]
+        if self.corrupt:
+            lines.append(f"corrupt, built again ({len(self.corrupt)}): {', '.join(self.corrupt)}")
+        if self.unreadable:
+            lines.append(f"({self.unreadable} line(s) of the cache's events file were not events)")
+        return lines
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The chapter list, profiles and declared outputs
-
-
-def known_profiles(root: Path) -> list[str]:
-    return sorted(p.stem for p in (root / PROFILE_DIR).glob("*.toml"))
-
-
-def check_profile(root: Path, profile: str) -> None:
-    profiles = known_profiles(root)
-    if profile not in profiles:
-        raise RunnerError(
-            f"unknown profile {profile!r}: expected one of {', '.join(profiles) or '(none)'} "
-            f"(the files {root / PROFILE_DIR}/<name>.toml)"
-        )
-
-
-def toc_files(root: Path) -> list[str]:
-    """Every page `_toc.yml` lists (root first), as written there: paths without extension, in reading order."""
-    toc_path = root / "_toc.yml"
-    if not toc_path.is_file():
-        raise RunnerError(f"{toc_path} does not exist; expected a jupyter-book table of contents (format: jb-book)")
-    try:
-        toc = yaml.safe_load(toc_path.read_text())
-    except yaml.YAMLError as e:
-        raise RunnerError(f"{toc_path}: not valid YAML: {e}") from None
-    if not isinstance(toc, dict) or toc.get("format") != "jb-book" or "root" not in toc:
-        raise RunnerError(f"{toc_path}: expected a mapping with `format: jb-book` and a `root` page")
-    return [
-        str(Path(entry).with_suffix("")) if entry.endswith((".md", ".ipynb")) else entry
-        for entry in _toc_files(toc, toc_path)
-    ]
-
-
-def toc_chapters(root: Path) -> list[Chapter]:
-    """Chapters in the order `_toc.yml` lists them; entries outside book/notebooks/ (plain pages) are skipped."""
-    toc_path = root / "_toc.yml"
-    chapters = []
-    for entry in toc_files(root):
-        if not entry.startswith(TOC_NOTEBOOK_DIR + "/"):
+def read_cache_events(path: Path) -> CacheReport:
+    """Sum up what lib/io/cache.py appended to `path`: one JSON object per lookup, `{"event": "reused" | "computed"
+    | "corrupt", "name", "key", "seconds", "store"}`. An artifact looked up twice counts once, as its last outcome;
+    no file means no lookup."""
+    last: dict[tuple[str, str], dict] = {}  # (name, key) -> its last reused/computed event, in order of outcome
+    corrupt, unreadable = [], 0
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if not line.strip():
             continue
-        stem = entry.removeprefix(TOC_NOTEBOOK_DIR + "/")
-        source = root / CHAPTER_DIR / f"{stem}.py"
-        if not source.is_file():
-            raise RunnerError(f"{toc_path} lists `{entry}`, so {source} should exist, but it does not")
-        chapters.append(Chapter(stem, source, root / TOC_NOTEBOOK_DIR / f"{stem}.ipynb"))
-    if len({c.stem for c in chapters}) != len(chapters):
-        raise RunnerError(f"{toc_path}: a chapter is listed twice")
-    return chapters
-
-
-def _toc_files(node, toc_path: Path) -> Iterator[str]:
-    """Every `file:`/`root:` entry of a jb-book toc, depth first, in reading order (parts, chapters, sections)."""
-    if isinstance(node, list):
-        for item in node:
-            yield from _toc_files(item, toc_path)
-    elif isinstance(node, dict):
-        for key in ("root", "file"):
-            if key in node:
-                if not isinstance(node[key], str):
-                    raise RunnerError(f"{toc_path}: `{key}: {node[key]!r}` should be a path string")
-                yield node[key]
-        for key in ("parts", "chapters", "sections"):
-            if key in node:
-                yield from _toc_files(node[key], toc_path)
-
-
-def select_chapters(chapters: list[Chapter], wanted: list[str] | None) -> list[Chapter]:
-    """The chapters named by --chapter (stem or path), kept in toc order; all of them when none is named."""
-    if not wanted:
-        return chapters
-    by_stem = {c.stem: c for c in chapters}
-    stems = set()
-    for name in wanted:
-        stem = Path(name).stem
-        if stem not in by_stem:
-            raise RunnerError(
-                f"unknown chapter {name!r}: _toc.yml lists {', '.join(by_stem) or 'no chapters'} "
-                f"(add `- file: {TOC_NOTEBOOK_DIR}/{stem}` to _toc.yml to run a new one)"
-            )
-        stems.add(stem)
-    return [c for c in chapters if c.stem in stems]
-
-
-def read_chapter(chapter: Chapter) -> nbformat.NotebookNode:
-    """The chapter as a notebook, after checking the conventions the runner relies on."""
-    nb = jupytext.read(chapter.source, fmt="py:percent")
-    code_cells = [c for c in nb.cells if c.cell_type == "code"]
-    first = code_cells[0] if code_cells else None
-    if first is None or "parameters" not in first.metadata.get("tags", []) or not _assigns_profile(first.source):
-        raise RunnerError(
-            f"{chapter.source}: the first code cell must be tagged `parameters` "
-            f'(`# %% tags=["parameters"]`) and contain `profile = "default"`'
-        )
-    declared_outputs(chapter, nb)  # fail on a malformed header before spending time on execution
-    return nb
-
-
-def _assigns_profile(source: str) -> bool:
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return False
-    return any(
-        isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "profile" for t in node.targets)
-        for node in tree.body
+        try:
+            event = json.loads(line)
+            kind, name, key = event["event"], event["name"], str(event.get("key"))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            unreadable += 1
+            continue
+        if kind == "corrupt":
+            corrupt.append(name)
+        elif kind in ("reused", "computed"):
+            last.pop((name, key), None)
+            last[(name, key)] = event
+        else:
+            unreadable += 1
+    return CacheReport(
+        reused=tuple((e["name"], e.get("store")) for e in last.values() if e["event"] == "reused"),
+        computed=tuple((e["name"], float(e.get("seconds") or 0)) for e in last.values() if e["event"] == "computed"),
+        corrupt=tuple(corrupt),
+        unreadable=unreadable,
     )
 
 
-def declared_outputs(chapter: Chapter, nb: nbformat.NotebookNode | None = None) -> BookOutputs:
-    nb = nb if nb is not None else jupytext.read(chapter.source, fmt="py:percent")
-    raw = nb.metadata.get("book_outputs") or {}
-    where = f"{chapter.source}: header field `jupyter.book_outputs`"
-    if not isinstance(raw, dict) or set(raw) - {"figures", "tables"}:
-        raise RunnerError(f"{where} = {raw!r}: expected a mapping with keys `figures` and/or `tables`")
-    out = {}
-    for key in ("figures", "tables"):
-        names = raw.get(key) or []
-        if not isinstance(names, list) or not all(isinstance(n, str) and re.fullmatch(r"[\w.-]+", n) for n in names):
-            raise RunnerError(f"{where}.{key} = {names!r}: expected a list of file names without extension or '/'")
-        out[key] = tuple(names)
-    return BookOutputs(**out)
+class ChapterResult(NamedTuple):
+    chapter: Chapter
+    seconds: float
+    cache: CacheReport
+    failure: CellFailure | None
+    problems: list[PageProblem]  # what the executed page shows that it must not (lib/io/book_check.py)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,12 +176,15 @@ def declared_outputs(chapter: Chapter, nb: nbformat.NotebookNode | None = None) 
 
 
 @contextlib.contextmanager
-def kernel_environment(root: Path) -> Iterator[None]:
+def kernel_environment(root: Path, outputs: Path, cache_events: Path) -> Iterator[None]:
     """Set the kernels' environment (they inherit ours) and restore the caller's afterwards."""
     saved = dict(os.environ)
     os.environ.update(KERNEL_ENV)
+    os.environ[OUTPUTS_ENV] = str(outputs)
+    os.environ[CACHE_EVENTS_ENV] = str(cache_events)
     # The kernel's cwd is the root too, but PYTHONPATH also covers code that changes directory.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), saved.get("PYTHONPATH")) if p)
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (saved.get("PYTHONWARNINGS"), *KERNEL_WARNING_FILTERS) if w)
     try:
         yield
     finally:
@@ -242,22 +192,7 @@ def kernel_environment(root: Path) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def missing_sections(chapter: Chapter, profile: str, nb: nbformat.NotebookNode | None = None) -> list[str]:
-    """The profile sections a chapter declares it needs (header field `book_requires`, e.g. `[world]` for the
-    chapters about the organism) that `profile` (a name or a .toml path) does not have."""
-    from lib.io.profiles import load_profile
-
-    nb = nb if nb is not None else jupytext.read(chapter.source, fmt="py:percent")
-    needed = nb.metadata.get("book_requires") or []
-    if not isinstance(needed, list) or not all(isinstance(n, str) for n in needed):
-        raise RunnerError(f"{chapter.source}: header field `jupyter.book_requires` = {needed!r}: expected a list")
-    if not needed:
-        return []
-    P = load_profile(profile)
-    return [n for n in needed if getattr(P, n, None) is None]
-
-
-def _not_applicable(chapter: Chapter, nb: nbformat.NotebookNode, profile: str, missing: list[str]) -> None:
+def _not_applicable(chapter: Chapter, nb: nbformat.NotebookNode, profile: str, missing: list[str], root: Path):
     """The book page of a chapter that does not apply to a profile: its introduction and one line saying why."""
     intro = next((c for c in nb.cells if c.cell_type == "markdown"), None)
     sections = ", ".join(f"[{m}]" for m in missing)
@@ -267,28 +202,40 @@ def _not_applicable(chapter: Chapter, nb: nbformat.NotebookNode, profile: str, m
         "chapters that follow."
     )
     page = nbformat.v4.new_notebook(cells=[c for c in (intro, note) if c is not None], metadata=nb.metadata)
-    page.metadata["papermill"] = {"parameters": {"profile": profile}, "input_path": str(chapter.source)}
+    page.metadata["papermill"] = {"parameters": {"profile": profile}, "input_path": shown_path(chapter.source, root)}
     nbformat.write(page, chapter.notebook)
 
 
 def run_chapter(
-    chapter: Chapter, profile: str, root: Path, progress_bar: bool = False, verbose: bool = False
+    chapter: Chapter,
+    profile: str,
+    root: Path,
+    outputs: Path | None = None,
+    progress_bar: bool = False,
+    verbose: bool = False,
 ) -> ChapterResult:
-    """Execute one chapter into its notebook; a failing cell is returned as `failure`, not raised. A chapter that
-    needs a profile section the profile lacks (`missing_sections`) is not executed: its page says so.
+    """Execute one chapter into `chapter.notebook`, its figures and tables under `outputs` (default: the
+    repository's book/). A failing cell is returned as `failure`, not raised. A chapter that needs a profile section
+    the profile lacks (`missing_sections`) is not executed: its page says so.
 
     `verbose` echoes what the cells print (stdout and stderr) while they run, e.g. for CI logs.
     """
+    root = root.resolve()
+    outputs = (outputs or default_outputs(root)).resolve()
     nb = read_chapter(chapter)
     chapter.notebook.parent.mkdir(parents=True, exist_ok=True)
     missing = missing_sections(chapter, profile, nb)
     if missing:
-        _not_applicable(chapter, nb, profile, missing)
-        return ChapterResult(chapter, 0.0, [], [], None)
+        _not_applicable(chapter, nb, profile, missing, root)
+        return ChapterResult(chapter, 0.0, CacheReport(), None, [])
+    # A fresh events file for this chapter's cache lookups, outside the tree, read once the kernel is done.
+    fd, events_name = tempfile.mkstemp(prefix=f"cache-events-{chapter.stem}-", suffix=".jsonl")
+    os.close(fd)
+    events = Path(events_name)
     started = time.perf_counter()
     failure = None
     try:
-        with kernel_environment(root):
+        with kernel_environment(root, outputs, events):
             papermill.execute_notebook(
                 nb,
                 chapter.notebook,
@@ -307,20 +254,34 @@ def run_chapter(
         failure = _cell_failure(chapter, e)
     except Exception as e:  # a dead kernel or a timeout: still report which cell was running
         failure = _kernel_failure(chapter, e)
+    finally:
+        cache = read_cache_events(events)
+        events.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
 
-    executed = _fix_input_path(chapter, root)
-    reused, computed = cache_events(executed) if executed is not None else ([], [])
-    return ChapterResult(chapter, seconds, reused, computed, failure)
+    executed = _finish_notebook(chapter, root)
+    problems = scan_notebook(executed, chapter.stem) if executed is not None and failure is None else []
+    return ChapterResult(chapter, seconds, cache, failure, problems)
 
 
-def _fix_input_path(chapter: Chapter, root: Path) -> nbformat.NotebookNode | None:
-    """papermill records its input in the notebook's metadata; given a NotebookNode it stores the whole notebook
-    there, so replace it with the chapter's path (the notebook is also the book page: keep it small)."""
+def _finish_notebook(chapter: Chapter, root: Path) -> nbformat.NotebookNode | None:
+    """Tidy the executed notebook for its page.
+
+    papermill records its input and output in the metadata (given a NotebookNode as input, the whole notebook):
+    both become paths relative to the root, so the page stays small and free of this machine's paths. The page
+    shows the profile once, in papermill's `injected-parameters` cell: the chapter's own `parameters` cell, whose
+    defaults it overrides, is tagged `remove-cell`."""
     if not chapter.notebook.is_file():
         return None
     executed = nbformat.read(chapter.notebook, as_version=4)
-    executed.metadata.setdefault("papermill", {})["input_path"] = str(chapter.source.relative_to(root))
+    meta = executed.metadata.setdefault("papermill", {})
+    meta["input_path"] = shown_path(chapter.source, root)
+    meta["output_path"] = shown_path(chapter.notebook.resolve(), root)
+    if any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells):
+        for cell in executed.cells:
+            tags = cell.metadata.get("tags", [])
+            if "parameters" in tags and "remove-cell" not in tags:
+                cell.metadata["tags"] = [*tags, "remove-cell"]
     nbformat.write(executed, chapter.notebook)
     return executed
 
@@ -380,22 +341,8 @@ def _line_of(path: Path, source: str) -> int | None:
     return text.count("\n", 0, at) + 1 if at >= 0 else None
 
 
-def cache_events(nb: nbformat.NotebookNode) -> tuple[list[str], list[tuple[str, float]]]:
-    """The `[cache] reused/computed` lines lib/cache.py printed, in order of appearance."""
-    text = "\n".join(
-        out.get("text", "")
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-        if out.get("output_type") == "stream"
-    )
-    reused = [m["name"] for m in CACHE_REUSED_RE.finditer(text)]
-    computed = [(m["name"], float(m["seconds"])) for m in CACHE_COMPUTED_RE.finditer(text)]
-    return reused, computed
-
-
-# What a chapter's execution depends on besides its own source: a change to any of these re-executes it.
-RUN_KEY_GLOBS = ("lib/**/*.py", "lib/profiles/*.toml", "requirements.txt")
+# --------------------------------------------------------------------------------------------------------------
+# The book: every chosen chapter in order, skipping the unchanged ones, with a log
 
 
 def run_key(root: Path, chapter: Chapter, profile: str) -> str:
@@ -407,42 +354,63 @@ def run_key(root: Path, chapter: Chapter, profile: str) -> str:
     return h.hexdigest()
 
 
-def is_current(root: Path, chapter: Chapter, profile: str, key: str) -> bool:
-    """The executed notebook was made from exactly these inputs and every declared output is still there."""
+def _last_run(chapter: Chapter) -> dict:
+    """What `_stamp_run` recorded in the executed notebook ({} if nothing)."""
     if not chapter.notebook.is_file():
-        return False
-    meta = nbformat.read(chapter.notebook, as_version=4).metadata.get("book_run", {})
-    return meta.get("key") == key and meta.get("profile") == profile and not check_outputs(root, profile, [chapter])
+        return {}
+    return nbformat.read(chapter.notebook, as_version=4).metadata.get("book_run", {})
 
 
-def _stamp_run_key(chapter: Chapter, profile: str, key: str) -> None:
+def is_current(root: Path, chapter: Chapter, profile: str, key: str, outputs: Path | None = None) -> bool:
+    """The executed notebook was made from exactly these inputs and every declared output is still there."""
+    last = _last_run(chapter)
+    return (
+        last.get("key") == key
+        and last.get("profile") == profile
+        and not check_outputs(root, profile, [chapter], outputs)
+    )
+
+
+def _stamp_run(chapter: Chapter, profile: str, key: str, cache: CacheReport) -> None:
+    """Record in the executed notebook what it was made from and which artifacts it read (for the log of a later
+    run that skips it)."""
     nb = nbformat.read(chapter.notebook, as_version=4)
-    nb.metadata["book_run"] = {"key": key, "profile": profile}
+    artifacts = list(dict.fromkeys([name for name, _ in cache.reused] + [name for name, _ in cache.computed]))
+    nb.metadata["book_run"] = {"key": key, "profile": profile, "artifacts": artifacts}
     nbformat.write(nb, chapter.notebook)
 
 
 def describe(result: ChapterResult) -> str:
+    """The chapter's entry in the log: status and time, its cache summary, and what its page must not show."""
     status = "FAILED" if result.failure else "ok"
     lines = [f"{result.chapter.stem}: {status} in {result.seconds:.1f} s"]
-    lines.append(f"  reused ({len(result.reused)}): {', '.join(result.reused) or '-'}")
-    computed = ", ".join(f"{name} ({s:.1f} s)" for name, s in result.computed)
-    lines.append(f"  computed ({len(result.computed)}): {computed or '-'}")
+    lines += [f"  {line}" for line in result.cache.lines()]
+    if result.problems:
+        lines.append(f"  its page shows {len(result.problems)} thing(s) it must not (`--check` fails on them):")
+        lines += [f"    {p}" for p in result.problems]
     return "\n".join(lines)
 
 
 def run_book(
-    root: Path, profile: str, wanted: list[str] | None = None, verbose: bool = False, force: bool = False
+    root: Path,
+    profile: str,
+    wanted: list[str] | None = None,
+    verbose: bool = False,
+    force: bool = False,
+    outputs: Path | None = None,
 ) -> int:
     """Execute the chosen chapters in toc order; stop at the first failure. Returns the exit status.
 
-    A chapter that `is_current` is skipped unless `force`."""
+    Notebooks, figures, tables and the log go under `outputs` (default: the repository's book/). A chapter that
+    `is_current` is skipped unless `force`."""
     root = root.resolve()
+    outputs = (outputs or default_outputs(root)).resolve()
     check_profile(root, profile)
-    chapters = select_chapters(toc_chapters(root), wanted)
+    chapters = with_outputs(select_chapters(toc_chapters(root), wanted), root, outputs)
     for chapter in chapters:  # check every chapter's conventions before running the first one
         read_chapter(chapter)
 
-    log_path = root / "book" / "logs" / f"{profile}.log"
+    log_path = outputs / "logs" / f"{profile}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # A full run replaces the log; a run of some chapters adds to it, so earlier chapters' lines survive.
     with log_path.open("a" if wanted else "w") as log:
@@ -451,19 +419,18 @@ def run_book(
         start = time.perf_counter()
         for i, chapter in enumerate(chapters, 1):
             key = run_key(root, chapter, profile)
-            if not force and is_current(root, chapter, profile, key):
-                reused, computed = cache_events(nbformat.read(chapter.notebook, as_version=4))
-                artifacts = ", ".join(dict.fromkeys(reused + [name for name, _ in computed])) or "-"
+            if not force and is_current(root, chapter, profile, key, outputs):
+                read = ", ".join(_last_run(chapter).get("artifacts", [])) or "-"
                 line = (
                     f"{chapter.stem}: unchanged since its last run (inputs {key[:10]}): not executed, executed "
-                    f"notebook and outputs reused\n  recomputed (0): -\n  artifacts it read: {artifacts}"
+                    f"notebook and outputs reused\n  artifacts its last run read: {read}"
                 )
                 print(f"[{i}/{len(chapters)}] {line}", flush=True)
                 log.write(line + "\n")
                 continue
             print(f"[{i}/{len(chapters)}] {chapter.stem} (profile {profile}) ...", flush=True)
             result = run_chapter(
-                chapter, profile, root, progress_bar=sys.stderr.isatty() and not verbose, verbose=verbose
+                chapter, profile, root, outputs, progress_bar=sys.stderr.isatty() and not verbose, verbose=verbose
             )
             elapsed = time.perf_counter() - start
             print(f"[{i}/{len(chapters)}] {describe(result)}\n  elapsed {elapsed:.1f} s", flush=True)
@@ -473,73 +440,12 @@ def run_book(
                 failure = result.failure
                 report = failure.summary()
                 print(f"\n{failure.traceback}\n" if failure.traceback else "", file=sys.stderr)
-                print(
-                    f"error: {report}\n  executed notebook: {chapter.notebook.relative_to(root)}",
-                    file=sys.stderr,
-                )
+                print(f"error: {report}\n  executed notebook: {shown_path(chapter.notebook, root)}", file=sys.stderr)
                 log.write(f"error: {report}\n")
                 return 1
-            _stamp_run_key(chapter, profile, key)
+            _stamp_run(chapter, profile, key, result.cache)
         log.write(f"# total {time.perf_counter() - start:.1f} s\n")
     print(f"done: {len(chapters)} chapter(s) in {time.perf_counter() - start:.1f} s; log: {log_path}")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checking the declared outputs
-
-MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF"}
-
-
-def expected_outputs(root: Path, profile: str, chapter: Chapter) -> list[Path]:
-    if missing_sections(chapter, profile):
-        return []
-    declared = declared_outputs(chapter)
-    name_ = Path(profile).stem  # a profile given as a .toml path writes under its file name (lib.book.Outputs)
-    paths = []
-    for name in declared.figures:
-        paths += [root / "book" / "figures" / name_ / chapter.stem / f"{name}{ext}" for ext in (".png", ".pdf")]
-    paths += [root / "book" / "tables" / name_ / chapter.stem / f"{name}.csv" for name in declared.tables]
-    return paths
-
-
-def check_outputs(root: Path, profile: str, chapters: list[Chapter]) -> list[str]:
-    """One line per problem: a declared figure or table that is missing, empty or not what its extension says,
-    or an executed notebook that is missing or was run with another profile."""
-    problems = []
-    for chapter in chapters:
-        for path in expected_outputs(root, profile, chapter):
-            rel = path.relative_to(root)
-            if not path.is_file():
-                problems.append(f"{chapter.stem}: missing {rel}")
-            elif path.stat().st_size == 0:
-                problems.append(f"{chapter.stem}: empty {rel}")
-            elif path.suffix in MAGIC and not path.read_bytes()[:8].startswith(MAGIC[path.suffix]):
-                problems.append(f"{chapter.stem}: {rel} is not a {path.suffix[1:].upper()} file")
-        if not chapter.notebook.is_file():
-            problems.append(f"{chapter.stem}: missing executed notebook {chapter.notebook.relative_to(root)}")
-        else:
-            ran_with = nbformat.read(chapter.notebook, as_version=4).metadata.get("papermill", {})
-            ran_with = ran_with.get("parameters", {}).get("profile")
-            if ran_with != profile:
-                problems.append(
-                    f"{chapter.stem}: {chapter.notebook.relative_to(root)} was executed with profile "
-                    f"{ran_with!r}, not {profile!r}"
-                )
-    return problems
-
-
-def check_book(root: Path, profile: str, wanted: list[str] | None = None) -> int:
-    root = root.resolve()
-    check_profile(root, profile)
-    chapters = select_chapters(toc_chapters(root), wanted)
-    problems = check_outputs(root, profile, chapters)
-    n_files = sum(len(expected_outputs(root, profile, c)) for c in chapters)
-    if problems:
-        print(f"check failed ({len(problems)} problem(s), profile {profile}):", file=sys.stderr)
-        print("\n".join(f"  {p}" for p in problems), file=sys.stderr)
-        return 1
-    print(f"check ok: {n_files} declared file(s) and {len(chapters)} notebook(s) for profile {profile}")
     return 0
 
 
@@ -550,15 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib.io.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="default", help="profile name (lib/profiles/<name>.toml)")
     parser.add_argument("--chapter", action="append", help="chapter stem, e.g. 01_world (repeatable)")
-    parser.add_argument("--check", action="store_true", help="only check the declared figures and tables")
+    parser.add_argument("--check", action="store_true", help="only check the declared outputs and executed pages")
     parser.add_argument("--verbose", "-v", action="store_true", help="echo what the cells print while they run")
     parser.add_argument("--force", action="store_true", help="execute chapters even if their inputs are unchanged")
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (default: this checkout)")
+    parser.add_argument("--outputs", type=Path, help="where notebooks, figures, tables and log go (<root>/book)")
     args = parser.parse_args(argv)
     try:
         if args.check:
-            return check_book(args.root, args.profile, args.chapter)
-        return run_book(args.root, args.profile, args.chapter, verbose=args.verbose, force=args.force)
+            return check_book(args.root, args.profile, args.chapter, args.outputs)
+        return run_book(args.root, args.profile, args.chapter, args.verbose, args.force, args.outputs)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
