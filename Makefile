@@ -2,7 +2,8 @@
 #
 #   make book [PROFILE=default]        install, run every chapter, build the HTML book (_build/html/index.html)
 #   make chapter CHAPTER=01_world      run one chapter (PROFILE=... as above; FORCE=1 re-executes unchanged ones)
-#   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE
+#   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE, and no
+#                                      executed page shows a machine path, warning, error or progress bar
 #   make organism [PROFILE=default]    train the organism on this CPU and export it to artifacts/ (+ provenance)
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make test                          unit tests and chapter smoke runs (no built book needed)
@@ -29,7 +30,7 @@ ifeq ($(FORCE),1)
 RUNNER_ARGS += --force
 endif
 
-# Kernels, tests and the book build run offline whatever the calling shell has set (lib/runner.py sets the same
+# Kernels, tests and the book build run offline whatever the calling shell has set (lib/io/runner.py sets the same
 # for the chapter kernels). PIP_NO_INDEX is not set here: `make install` needs the package index.
 OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=disabled MPLBACKEND=Agg
 
@@ -67,10 +68,10 @@ chapter: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.io.runner --profile $(PROFILE) --chapter $(CHAPTER) $(RUNNER_ARGS)
 
 organism: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.pipeline organism --profile $(PROFILE)
+	$(OFFLINE) $(PY) -m lib.steps.organism --profile $(PROFILE)
 
 organism-verify: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.pipeline organism --profile $(PROFILE) --verify
+	$(OFFLINE) $(PY) -m lib.steps.organism --profile $(PROFILE) --verify
 
 check: $(STAMP)
 	$(PY) -m lib.io.runner --profile $(PROFILE) --check

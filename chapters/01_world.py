@@ -34,25 +34,22 @@
 # * the **keyword split** of questions into spatial and general (the paper's regex over VQAv2 questions) and the
 #   **direction-free prompts** of the lexical filter.
 #
-# Everything is a pure function of `(seed, split, index)` (`lib/world.py`): the same seed gives byte-identical
+# Everything is a pure function of `(seed, split, index)` (`lib/sources/world.py`): the same seed gives byte-identical
 # scenes on any machine, and splits never share a scene.
 
 # %% tags=["parameters"]
 profile = "default"
 
-# %%
-import matplotlib.pyplot as plt
+# %% tags=["hide-input"]
 import pandas as pd
 
-from lib.io.cache import Cache
+from lib.figures import world as FG
 from lib.io.outputs import Outputs
-from lib.io.profiles import load_profile
 from lib.sources import world as W
-from lib.steps.pipeline import world_census
+from lib.steps.study import Study
 
-P = load_profile(profile)
-out = Outputs("01_world", P.name)
-cache = Cache()
+S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
+P, out = S.P, Outputs("01_world", S.P.name)
 print(P.description, "|", P.world)
 
 # %% [markdown]
@@ -64,20 +61,13 @@ print(P.description, "|", P.world)
 samples = [
     W.make_sample(P.seed, "train", i, tuple(W.QTYPES), P.world.cell_px, P.world.n_objects) for i in range(len(W.QTYPES))
 ]
-fig, axes = plt.subplots(3, 3, figsize=(8.5, 10))
-for ax, s in zip(axes.flat, samples, strict=True):
-    ax.imshow(s.scene.render(), interpolation="nearest")
-    for t in range(0, P.world.image_px + 1, P.world.patch_px):
-        ax.axhline(t - 0.5, color="white", lw=0.3, alpha=0.35)
-        ax.axvline(t - 0.5, color="white", lw=0.3, alpha=0.35)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    q = s.question.replace("statement : ", "").replace(" . is this correct ?", " ?")
-    ax.set_title(s.qtype, fontsize=11)
-    ax.set_xlabel(f"{q}\n→ {s.answer}", fontsize=9)
-fig.suptitle("One sample per question type")
-fig.tight_layout()
+fig = FG.plot_scene_grid(
+    [s.scene.render() for s in samples],
+    [s.qtype for s in samples],
+    [s.question for s in samples],
+    [s.answer for s in samples],
+    P.world.patch_px,
+)
 out.figure(fig, "scene_grid")
 
 # %% [markdown]
@@ -102,7 +92,7 @@ print(f"vocabulary: {len(W.VOCAB)} words (every word any template can produce, l
 # against the object boxes. The cell fails if a single sample disagrees.
 
 # %%
-census, _ = world_census(P, cache)
+census = S.census
 assert census.answer_consistent.all(), census[~census.answer_consistent].head()
 assert census.pixels_consistent.all(), census[~census.pixels_consistent].head()
 print(f"{len(census)} samples checked: every answer and every image agrees with its scene's ground truth")
@@ -128,15 +118,7 @@ assert (yes_no.share_yes == 0.5).all(), "every yes/no type must be balanced"
 # frequent answer: the chance level each model is compared with in the next chapter.
 
 # %%
-fig, ax = plt.subplots(figsize=(8, 3.6))
-counts = census[census.split == "train"].groupby(["qtype", "answer"]).size().unstack(fill_value=0)
-counts = counts.loc[list(W.QTYPES)]
-counts.plot.barh(stacked=True, ax=ax, legend=False, colormap="tab20", width=0.8)
-ax.invert_yaxis()
-ax.set_xlabel("samples in the training census")
-ax.set_ylabel("")
-ax.set_title("Question types and the spread of their answers")
-out.figure(fig, "question_counts")
+out.figure(FG.plot_answer_counts(census, W.QTYPES), "question_counts")
 
 # %% [markdown]
 # Each bar is one question type, split into its answers: yes/no types split in two equal halves, open types spread
@@ -163,3 +145,6 @@ assert (census.keyword_spatial == census.family.isin(W.SPATIAL_FAMILIES)).all()
 # %% [markdown]
 # Lookup questions all fall on the general side and every absolute or relational question on the spatial side,
 # so the "controlled shift" of the spatial-probing chapter compares exactly the two families.
+
+# %% tags=["remove-input"]
+S.report()

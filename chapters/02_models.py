@@ -22,7 +22,7 @@
 # pair at toy scale, built with the same Hugging Face classes so that every later chapter runs unchanged on either:
 #
 # 1. a word-level **tokenizer** over the world's explicit word list, plus `<image>`, `<bos>`, `<eos>`, `<pad>`
-#    (`lib/tokenizer.py`; a standard `tokenizer.json`);
+#    (`lib/sources/tokenizer.py`; a standard `tokenizer.json`);
 # 2. the **base LM**, a `LlamaForCausalLM` trained on the text corpus: a caption, a question, the answer. Like a
 #    real LLM, it knows spatial language before it ever sees an image;
 # 3. the **vision tower**, a `CLIPVisionModel` pretrained on the world's images to predict, for every patch, the
@@ -44,27 +44,24 @@
 # %% tags=["parameters"]
 profile = "default"
 
-# %%
-import matplotlib.pyplot as plt
-import numpy as np
+# %% tags=["hide-input"]
 import pandas as pd
 
-from lib.io.cache import MANIFEST, Cache, load_json
+from lib.figures import models as FG
+from lib.io.cache import MANIFEST, load_json
 from lib.io.outputs import Outputs
-from lib.io.profiles import load_profile
 from lib.sources import organism as O
 from lib.sources import world as W
-from lib.steps.pipeline import heldout_accuracy, organism
+from lib.steps.study import Study
 
-P = load_profile(profile)
-out = Outputs("02_models", P.name)
-cache = Cache()
-models = organism(P, cache)
+S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
+P, out = S.P, Outputs("02_models", S.P.name)
+models = S.organism
 info = {name: load_json(art / "info.json") for name, art in models.artifacts.items()}
 manifest = {name: load_json(art / MANIFEST) for name, art in models.artifacts.items()}
 print(P.description)
 for name, art in models.artifacts.items():
-    print(f"{name:5s} {art.path}")
+    print(f"{name:5s} {art.path.parent.name}/{art.path.name}")
 
 # %% [markdown]
 # ## Sizes and training cost
@@ -130,30 +127,13 @@ print(
 
 
 # %%
-def smooth(y, k=25):
-    y = np.asarray(y, dtype=float)
-    k = max(1, min(k, len(y)))
-    return np.convolve(y, np.ones(k) / k, mode="valid")
-
-
 curves = {
     "base LM (caption + question, weighted)": info["lm"]["curve"],
     "vision tower (six per-patch heads)": info["tower"]["curve"],
     "VLM stage 1 (captions, projector only)": info["vlm"]["curve_stage1"],
     "VLM stage 2 (answers, projector + LM)": info["vlm"]["curve_stage2"],
 }
-fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-for ax, (title, curve) in zip(axes, curves.items(), strict=True):
-    if curve:
-        loss = [c[1] for c in curve]
-        ax.plot(loss, color="0.8", lw=0.6)
-        ax.plot(np.arange(len(smooth(loss))) + min(25, len(loss)) // 2, smooth(loss), color="C0")
-        ax.set_yscale("log")
-    ax.set_title(title, fontsize=9.5)
-    ax.set_xlabel("step")
-axes[0].set_ylabel("training loss (nats / token)")
-fig.tight_layout()
-out.figure(fig, "training_curves")
+out.figure(FG.plot_training_curves(curves), "training_curves")
 
 # %% [markdown]
 # Grey: loss per step; blue: running mean over 25 steps. The base LM's, the tower's and stage 1's losses flatten
@@ -166,31 +146,8 @@ out.figure(fig, "training_curves")
 # rather than turning wrong answers right.
 
 # %%
-families = list(dict.fromkeys(W.QTYPES.values()))
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
-for ax, (name, hist) in zip(
-    axes,
-    [("base LM on captions", info["lm"]["history"]), ("VLM on images (stage 2)", info["vlm"]["history"])],
-    strict=True,
-):
-    steps = [h[0] for h in hist]
-    for q in W.QTYPES:
-        ls = {"lookup": ":", "absolute": "--", "relational": "-"}[W.QTYPES[q]]
-        ax.plot(steps, [h[1][q] for h in hist], ls, marker="o", ms=3, label=q)
-    ax.set_title(name)
-    ax.set_xlabel("training step")
-    ax.set_ylim(0, 1.02)
-axes[0].set_ylabel("held-out accuracy")
-axes[1].legend(
-    fontsize=8,
-    ncol=1,
-    bbox_to_anchor=(1.01, 1),
-    loc="upper left",
-    title="dotted: lookup\ndashed: absolute\nsolid: relational",
-    title_fontsize=7.5,
-)
-fig.tight_layout()
-out.figure(fig, "heldout_accuracy")
+histories = {"base LM on captions": info["lm"]["history"], "VLM on images (stage 2)": info["vlm"]["history"]}
+out.figure(FG.plot_heldout_accuracy(histories, W.QTYPES), "heldout_accuracy")
 
 # %% [markdown]
 # Held-out accuracy during training, per question type (100 samples per type at each evaluation, so a single
@@ -221,40 +178,22 @@ if P.vlm.stage2_steps and None not in reached:
 
 # %% [markdown]
 # ## Accuracy per question type
-# Held-out samples (a split no training stream draws from; `lib.organism.eval_samples`), scored by teacher forcing:
-# a sample is correct when every answer word is the model's top prediction. *Mean image*: every image embedding
-# replaced by the mean image-token embedding over the evaluation set, text unchanged: what the VLM can answer
+# Held-out samples (a split no training stream draws from; `lib.sources.organism.eval_samples`), scored by teacher
+# forcing: a sample is correct when every answer word is the model's top prediction. *Mean image*: every image
+# embedding replaced by the mean image-token embedding over the evaluation set, text unchanged: what the VLM can answer
 # without looking. The majority baseline is the share of the most common answer of that type. The training runs
 # scored 100 samples per type (the curves above), whose standard error near 0.95 is about 2 points, the size of the
 # margins that matter here; this table scores the same split extended to the profile's `world.n_heldout` samples
-# (`lib.pipeline.heldout_accuracy`, cached; 1,000 per type in the default profile).
+# (`lib.steps.organism.heldout_accuracy`, cached; 1,000 per type in the default profile).
 
 # %%
-accuracy = heldout_accuracy(P, cache, models)
+accuracy = S.heldout_accuracy
 accuracy.insert(5, "lm_target", [O.TARGETS["lm"][q] for q in accuracy.qtype])
 accuracy.insert(7, "vlm_target", [O.TARGETS["vlm"][q] for q in accuracy.qtype])
 accuracy["lm_met"] = accuracy.lm_text >= accuracy.lm_target
 accuracy["vlm_met"] = accuracy.vlm_image >= accuracy.vlm_target
 out.table(accuracy, "accuracy", float_format="{:.2f}")
-
-fig, ax = plt.subplots(figsize=(10, 3.8))
-x = np.arange(len(accuracy))
-bars = [("majority", "0.75"), ("lm_text", "C0"), ("vlm_image", "C1"), ("vlm_mean_image", "C7")]
-labels = {
-    "majority": "majority answer",
-    "lm_text": "base LM, caption",
-    "vlm_image": "VLM, image",
-    "vlm_mean_image": "VLM, mean image",
-}
-for i, (col, color) in enumerate(bars):
-    ax.bar(x + (i - 1.5) * 0.2, accuracy[col], 0.2, color=color, label=labels[col])
-ax.scatter(x + 0.1, accuracy.vlm_target, marker="_", s=300, color="k", zorder=3, label="VLM target")
-ax.set_xticks(x, [f"{q}\n({f})" for q, f in zip(accuracy.qtype, accuracy.family, strict=True)], fontsize=8)
-ax.set_ylabel("held-out accuracy")
-ax.set_ylim(0, 1.05)
-ax.legend(fontsize=8, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0))
-fig.tight_layout()
-out.figure(fig, "accuracy")
+out.figure(FG.plot_accuracy(accuracy), "accuracy")
 
 # %%
 missed = {
@@ -312,15 +251,13 @@ print(
 # %%
 show = O.eval_samples(P.seed + 7, 2 * len(W.QTYPES))[::2]
 answers = O.generate_answers(vlm, models.tokenizer, show)
-fig, axes = plt.subplots(1, len(show), figsize=(2.0 * len(show), 3.2))
-for ax, s, a in zip(axes, show, answers, strict=True):
-    ax.imshow(s.scene.render(), interpolation="nearest")
-    ax.set_xticks([]), ax.set_yticks([]), ax.grid(False)
-    ok = "✓" if a == s.answer else "✗"
-    q = s.question.replace("statement : ", "").replace(" . is this correct ?", " ?")
-    ax.set_title(s.qtype, fontsize=9)
-    ax.set_xlabel(f"{q}\nVLM: {a} {ok}\ntruth: {s.answer}", fontsize=7.5, wrap=True)
-fig.tight_layout()
+fig = FG.plot_free_answers(
+    [s.scene.render() for s in show],
+    [s.qtype for s in show],
+    [s.question for s in show],
+    answers,
+    [s.answer for s in show],
+)
 out.figure(fig, "answers")
 print(f"{sum(a == s.answer for a, s in zip(answers, show, strict=True))} of {len(show)} free answers correct")
 
@@ -339,3 +276,6 @@ print(f"VLM / LM norm ratio ranges {norms.ratio.min():.2f} to {norms.ratio.max()
 # %% [markdown]
 # Ratios near one mean the LM's SAEs see inputs of the scale they were trained on, so the next chapter can test
 # them on the VLM without renormalising the activations.
+
+# %% tags=["remove-input"]
+S.report()

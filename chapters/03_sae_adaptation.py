@@ -28,8 +28,9 @@
 #    the non-image tokens; **the variant every later chapter uses**) and `image-only` (base init, image tokens).
 #    Batch-FVU loss, Adam (lr from the profile, 2e-4 as in METHOD.md), 8 sequences per step, one pass, decoder rows
 #    renormalised to unit norm after every step. One VLM forward per batch feeds the SAEs of every layer and every
-#    variant at once (`lib/adaptation.py`; the trainer is `lib/sae.py`, whose TopK step gathers only the k active
-#    decoder rows per token and has a dense PyTorch twin that the tests hold it to).
+#    variant at once (`lib/kernels/adaptation.py`; the SAEs are `lib/kernels/sae.py`, whose TopK step gathers only
+#    the k active decoder rows per token and has a dense PyTorch twin that the tests hold it to, and the trainer is
+#    `lib/kernels/sae_training.py`).
 # 3. **Metrics.** FVU = ‖x − x̂‖² / ‖x − μ‖² on held-out pairs, split by token type (Full / Image / Text, each
 #    with its own mean μ), and the normalised MSE ‖x − x̂‖² / ‖x‖² of {base, adapted text-only} SAE on {the LM's
 #    text stream, the VLM's stream}.
@@ -40,23 +41,23 @@
 # %% tags=["parameters"]
 profile = "default"
 
-# %%
+# %% tags=["hide-input"]
 import pandas as pd
 import torch
 from sae_lens import SAE
 
-from lib.io.cache import Cache, load_json
+from lib.figures import saes as FG
+from lib.io.cache import load_json
 from lib.io.outputs import Outputs
-from lib.io.profiles import load_profile
 from lib.kernels import adaptation as AD
-from lib.steps import pipeline as PL
+from lib.kernels.activations import vlm_batches
+from lib.steps.saes import sae_layers
+from lib.steps.study import Study
 
-P = load_profile(profile)
-out = Outputs("03_sae_adaptation", P.name)
-cache = Cache()
-vlm = PL.models(P, cache)
-D = PL.data(P)
-layers = PL.sae_layers(P, vlm)
+S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
+P, out = S.P, Outputs("03_sae_adaptation", S.P.name)
+vlm, D = S.vlm, S.data
+layers = sae_layers(P, vlm)
 print(f"{P.description}\nlayers {layers}, d_model {vlm.d_model}")
 print(f"adaptation pairs {len(D.adapt)}, held-out pairs {len(D.heldout)}, batch {P.sae.batch_size}, lr {P.sae.lr}")
 
@@ -69,8 +70,8 @@ print(f"adaptation pairs {len(D.adapt)}, held-out pairs {len(D.heldout)}, batch 
 # features and a low FVU.
 
 # %%
-sweep = PL.base_sae_sweep(P, cache, vlm, D)
-base = PL.base_saes(P, cache, vlm, D)
+sweep = S.base_sae_sweep
+base = S.base_saes
 if sweep is not None:
     grid = sweep.groupby(["expansion", "k"])[["fvu", "dead_frac"]].mean().reset_index()
     print("mean over layers, held-out text stream:")
@@ -107,9 +108,9 @@ else:
 # %% [markdown]
 # ## Activation scale
 # SAEs here read raw activations: no normalisation is learned or applied, for the base SAEs or the adapted ones
-# (`lib.sae`'s default). That is only safe if the VLM's residual stream has the scale the base SAE was trained on.
-# Mean ‖x‖ per layer on held-out data: the VLM's text tokens, its image tokens, and the base LM's text tokens
-# (the same questions with the caption in place of the image).
+# (`lib.kernels.sae`'s default). That is only safe if the VLM's residual stream has the scale the base SAE was
+# trained on. Mean ‖x‖ per layer on held-out data: the VLM's text tokens, its image tokens, and the base LM's text
+# tokens (the same questions with the caption in place of the image).
 
 # %%
 scale = AD.norm_ratio(vlm, D.heldout, D.heldout_text, layers, P.sae.batch_size) if D.heldout_text else None
@@ -131,7 +132,7 @@ if scale is not None:
 # ## Adaptation
 
 # %%
-adapted = PL.adapted_saes(P, cache, vlm, D, base)
+adapted = S.adapted_saes
 info = load_json(adapted.artifact / "info.json")
 print(
     f"VLM forwards per adaptation epoch: {info['forwards_per_epoch']} (one per batch of {P.sae.batch_size} "
@@ -139,8 +140,7 @@ print(
 )
 print(adapted.epoch_log.to_string(index=False))
 
-fig = AD.plot_fvu_over_training(adapted.history)
-out.figure(fig, "fvu_over_training")
+out.figure(FG.plot_fvu_over_training(adapted.history), "fvu_over_training")
 
 # %% [markdown]
 # Held-out FVU averaged over layers during the single pass (band: min to max over layers). The base-initialised
@@ -148,10 +148,9 @@ out.figure(fig, "fvu_over_training")
 # starts from FVU ≈ 1 or worse and has to learn a dictionary from scratch in the same number of steps.
 
 # %%
-table = PL.reconstruction(P, cache, vlm, D, base, adapted)
+table = S.reconstruction
 out.table(table, "reconstruction", show=False)
-fig = AD.plot_fvu_per_layer(table)
-out.figure(fig, "fvu_per_layer")
+out.figure(FG.plot_fvu_per_layer(table), "fvu_per_layer")
 
 # %% [markdown]
 # Held-out FVU per layer after adaptation, by token type. Image tokens are where the base SAE fails most: it never
@@ -184,8 +183,7 @@ print(full.round(4).to_string())
 # disagrees with the paper at the layers the table shows, and the numbers are those in the table.
 
 # %%
-fig = AD.plot_reconstruction_gap(table)
-out.figure(fig, "reconstruction_gap")
+out.figure(FG.plot_reconstruction_gap(table), "reconstruction_gap")
 
 # %% [markdown]
 # The reconstruction gap: normalised MSE of the base SAE and the adapted text-only SAE on the LM's own text stream
@@ -201,13 +199,16 @@ out.figure(fig, "reconstruction_gap")
 layer = layers[-1]
 path = adapted.artifact / "saes" / f"L{layer}" / "text-only"
 reloaded = SAE.load_from_disk(path).requires_grad_(False)
-batch = next(AD.vlm_batches(vlm, D.heldout, P.sae.batch_size, layers))
+batch = next(vlm_batches(vlm, D.heldout, P.sae.batch_size, layers))
 li, vi = adapted.bank.index(layer, "text-only")
 ours = adapted.bank.encode(batch.x_lnd)
 z_ref = reloaded.encode(batch.x_lnd[li])
 z_ours = torch.zeros_like(z_ref).scatter_(1, ours.idx_lnvk[li, :, vi], ours.acts_lnvk[li, :, vi])
 print(
-    f"{path.relative_to(cache.root)}: hook {reloaded.cfg.metadata.hook_name}, "
+    f"{path.relative_to(adapted.artifact.path.parent)}: hook {reloaded.cfg.metadata.hook_name}, "
     f"max |z_ours - z_saelens| = {float((z_ours - z_ref).detach().abs().max()):.2e}"
 )
 assert torch.allclose(z_ours, z_ref, atol=1e-4), "the reloaded SAE encodes differently"
+
+# %% tags=["remove-input"]
+S.report()

@@ -29,47 +29,38 @@
 #
 # A feature is **adapted** if E_v > ε and cos ≤ the q-th percentile of cos **pooled over all layers** (the source
 # also admits a per-layer percentile, shown below as a check). ε and q come from the profile (defaults ε = 0.01,
-# q = 25). Everything is read from one cached per-feature table (`lib.pipeline.feature_table`, streamed: one VLM
+# q = 25). Everything is read from one cached per-feature table (`lib.steps.features`, streamed: one VLM
 # forward per batch feeds every layer x variant, and no activation tensor is kept).
 
 # %% tags=["parameters"]
 profile = "default"
 
-# %%
-import time
-
-import matplotlib.pyplot as plt
+# %% tags=["hide-input"]
 import pandas as pd
 from scipy import stats
 
-from lib.io.cache import Cache
+from lib.figures import diffing as FG
 from lib.io.outputs import Outputs
-from lib.io.profiles import load_profile
 from lib.kernels import diffing as DF
-from lib.steps import pipeline as PL
+from lib.steps.study import Study
 
-started = time.perf_counter()
-P = load_profile(profile)
-out = Outputs("04_feature_diffing", P.name)
-cache = Cache()
-vlm = PL.models(P, cache)
-D = PL.data(P)
-base = PL.base_saes(P, cache, vlm, D)
-adapted = PL.adapted_saes(P, cache, vlm, D, base)
-table = PL.feature_table(P, cache, vlm, D, base, adapted)
+S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
+P, out = S.P, Outputs("04_feature_diffing", S.P.name)
+table = S.features  # the hub: one row per (layer, variant, feature), every statistic and flag
 C = P.diffing
-tv, cos_max = DF.selection(table, C.variant, C.eps, C.q)
+tv, cos_max = S.selection.table, S.selection.cos_max  # the followed variant's rows
 print(
     f"{len(table)} rows: {table.layer.nunique()} layers x {table.variant.nunique()} variants x "
     f"{len(tv) // tv.layer.nunique()} features; the book follows the {C.variant} variant"
 )
 print(f"ε = {C.eps}, q = {C.q}: pooled cosine threshold {cos_max:.4f}; adapted features: {int(tv.adapted.sum())}")
+print(f"the hub is saved as features-{S.keys['features'][:16]}/features.parquet in the artifact cache")
 
 # %% [markdown]
 # ## How far did each variant rotate?
 
 # %%
-out.figure(DF.plot_cosine_by_layer(table), "cosine_by_layer")
+out.figure(FG.plot_cosine_by_layer(table), "cosine_by_layer")
 med = table.groupby(["variant", "layer"]).dec_cos.median().unstack("layer")
 print("median decoder cosine per layer:\n" + med.round(3).to_string())
 based = med.drop(index="random", errors="ignore")
@@ -87,7 +78,7 @@ print("least aligned base-initialised variant per layer:", based.idxmin().to_dic
 # late regime to compare.
 
 # %%
-out.figure(DF.plot_cosine_histograms(tv, cos_max), "cosine_histograms")
+out.figure(FG.plot_cosine_histograms(tv, cos_max), "cosine_histograms")
 
 # %% [markdown]
 # Per-layer distributions of the followed variant's decoder cosine; the dashed line is the pooled q-th
@@ -97,7 +88,7 @@ out.figure(DF.plot_cosine_histograms(tv, cos_max), "cosine_histograms")
 # ## The central scatter
 
 # %%
-out.figure(DF.plot_central_scatter(tv, C.eps, cos_max), "central_scatter")
+out.figure(FG.plot_central_scatter(tv, C.eps, cos_max), "central_scatter")
 per_layer = (
     pd.DataFrame(
         {
@@ -124,13 +115,7 @@ out.table(per_layer, "adapted_per_layer", float_format="{:.0f}")
 # features spread over layers, not the rule.
 
 # %%
-fig, ax = plt.subplots(figsize=(5, 3))
-ax.bar(per_layer.layer, per_layer.adapted, color="#ff7f0e")
-ax.set_xlabel("layer")
-ax.set_ylabel("adapted features")
-ax.set_xticks(per_layer.layer)
-fig.tight_layout()
-out.figure(fig, "adapted_per_layer")
+out.figure(FG.plot_adapted_per_layer(per_layer), "adapted_per_layer")
 
 # %% [markdown]
 # ## Robustness of the selection
@@ -138,7 +123,7 @@ out.figure(fig, "adapted_per_layer")
 # %%
 sweep = DF.robustness_sweep(tv, C.eps_grid, C.q_grid, C.eps, C.q)
 out.table(sweep, "robustness")
-out.figure(DF.plot_robustness(sweep), "robustness")
+out.figure(FG.plot_robustness(sweep), "robustness")
 row = lambda e, q: sweep[(sweep.eps == e) & (sweep.q == q)].iloc[0]  # noqa: E731
 lo, hi = sweep.selected.min(), sweep.selected.max()
 print(
@@ -157,7 +142,7 @@ print(
 # ## Image versus text activation of the rotated features
 
 # %%
-out.figure(DF.plot_ratio_by_layer(tv), "image_text_ratio")
+out.figure(FG.plot_ratio_by_layer(tv), "image_text_ratio")
 ratio = tv[tv.adapted].groupby("layer").img_txt_ratio.median()
 print("median image/text mean-|z| ratio of adapted features per layer:", ratio.round(2).to_dict())
 
@@ -178,7 +163,7 @@ print("median image/text mean-|z| ratio of adapted features per layer:", ratio.r
 # %%
 if "image_dependence" in tv:
     fired = tv[tv.freq_txt > 0].reset_index(drop=True)  # features that fire on text tokens at all
-    fig = DF.plot_image_dependence(fired)
+    fig = FG.plot_image_dependence(fired)
     out.figure(fig, "image_dependence")
     share = lambda m: float((fired.image_dependence[m] > 0.5).mean())  # noqa: E731
     print(
@@ -206,5 +191,5 @@ else:
 # twenty, most features put more than ε = 1 % of their energy on image tokens, so on the organism the adapted set
 # is decided almost entirely by the rotation threshold.
 
-# %%
-print(f"chapter executed in {time.perf_counter() - started:.0f} s")
+# %% tags=["remove-input"]
+S.report()

@@ -43,29 +43,24 @@
 # %% tags=["parameters"]
 profile = "default"
 
-# %%
-import matplotlib.pyplot as plt
+# %% tags=["hide-input"]
 import numpy as np
 import pandas as pd
 
-from lib.io.cache import Cache
+from lib.figures import diffing as FD
+from lib.figures import probing as FG
 from lib.io.outputs import Outputs
-from lib.io.profiles import load_profile
-from lib.kernels import diffing as DF
+from lib.kernels import autointerp as AI
+from lib.kernels import ground_truth as GT
 from lib.kernels import probing as PR
-from lib.steps import pipeline as PL
+from lib.kernels import spatial_stats as SS
+from lib.steps.study import Study
 
-P = load_profile(profile)
-out = Outputs("05_spatial_probing", P.name)
-cache = Cache()
-vlm = PL.models(P, cache)
-D = PL.data(P)
-base = PL.base_saes(P, cache, vlm, D)
-adapted = PL.adapted_saes(P, cache, vlm, D, base)
-features = PL.feature_table(P, cache, vlm, D, base, adapted)
-sel = PL.spatial_selection(P, cache, vlm, D, adapted, features)
-table, cos_max, lex = sel
-spatial = PL.spatial_stats(P, cache, vlm, D, adapted)  # cached: the counts behind the flags
+S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
+P, out = S.P, Outputs("05_spatial_probing", S.P.name)
+vlm, D, adapted = S.vlm, S.data, S.adapted_saes
+table, cos_max, lex = S.selection  # the followed variant's rows of the hub, with every flag
+spatial = S.spatial_stats  # the counts behind the `spatial` flag
 Q = P.probing
 n_sp, n_gen = int(D.probe_spatial.sum()), int((~D.probe_spatial).sum())
 print(
@@ -77,7 +72,7 @@ print(
 # ## The controlled shift
 
 # %%
-out.figure(PR.plot_volcano(table, Q.min_odds, Q.min_delta), "volcano")
+out.figure(FG.plot_volcano(table, Q.min_odds, Q.min_delta), "volcano")
 print(
     f"spatial candidates: {int(table.spatial.sum())} of {len(table)} features; adapted and spatial: "
     f"{int((table.spatial & table.adapted).sum())}"
@@ -105,7 +100,7 @@ print(
 # not on the image tokens themselves, fails it.
 
 # %%
-counts = PR.per_layer_counts(table).reset_index()
+counts = SS.per_layer_counts(table).reset_index()
 out.table(counts, "selection_per_layer", float_format="{:.0f}")
 final = table[table.final]
 print(f"final set: {len(final)} features; per layer {final.groupby('layer').size().to_dict()}")
@@ -115,7 +110,7 @@ overlays = {
     "spatial candidates": (table.spatial.to_numpy(), "#9467bd", "o"),
     "final spatial set": (table.final.to_numpy(), "#d62728", "*"),
 }
-out.figure(DF.plot_central_scatter(table, P.diffing.eps, cos_max, overlays), "central_scatter_overlay")
+out.figure(FD.plot_central_scatter(table, P.diffing.eps, cos_max, overlays), "central_scatter_overlay")
 
 # %% [markdown]
 # The central scatter of the previous chapter with the spatial candidates and the final set on top: the final
@@ -125,15 +120,15 @@ out.figure(DF.plot_central_scatter(table, P.diffing.eps, cos_max, overlays), "ce
 # ## Ground truth: do the final features encode the relation?
 
 # %%
-gt_acts = PL.ground_truth_activations(P, cache, vlm, D, adapted)
+gt_acts = S.ground_truth_acts
 check = None
 if gt_acts is not None:
-    attrs = PR.sample_attributes(D.samples["ground_truth"])
-    auroc = PR.auroc_table(gt_acts.acts_sf, attrs, gt_acts.keys)
-    th = PR.Thresholds(P.diffing.eps, cos_max, Q.min_odds, Q.min_delta)
-    check = PR.ground_truth_check(table, auroc, th, Q.n_random, P.seed, Q.min_auroc)
+    attrs = GT.sample_attributes(D.samples["ground_truth"])
+    auroc = GT.auroc_table(gt_acts.acts_sf, attrs, gt_acts.keys)
+    th = GT.Thresholds(P.diffing.eps, cos_max, Q.min_odds, Q.min_delta)
+    check = GT.ground_truth_check(table, auroc, th, Q.n_random, P.seed, Q.min_auroc)
     out.table(check.summary, "ground_truth")
-    fig = PR.plot_auroc_groups(check.per_feature)
+    fig = FG.plot_auroc_groups(check.per_feature)
     out.figure(fig, "ground_truth_auroc")
     s = check.summary.set_index("group")["mean"]
     print(
@@ -165,17 +160,17 @@ else:
 # %% [markdown]
 # ### All of a layer's features at once
 # A relation can be carried by several features together rather than by one. A linear probe (standardised
-# inputs, L2 logistic regression, 5-fold cross-validated AUROC; `lib.probing.relation_probe`) reads each relation
-# from all of a layer's feature activations on the same scenes and prompts. The control row is a probe given only
-# the true answer to "which rows and which columns hold an object" (six yes/no inputs): positions without knowing
-# which object is which.
+# inputs, L2 logistic regression, 5-fold cross-validated AUROC; `lib.kernels.ground_truth.relation_probe`) reads
+# each relation from all of a layer's feature activations on the same scenes and prompts. The control row is a
+# probe given only the true answer to "which rows and which columns hold an object" (six yes/no inputs): positions
+# without knowing which object is which.
 
 # %%
 if gt_acts is not None:
     layer_of = np.array([layer for layer, _ in gt_acts.keys])
     inputs = {f"SAE codes, layer {l}": gt_acts.acts_sf.numpy()[:, layer_of == l] for l in sorted(set(layer_of))}
     inputs["control: true row and column occupancy"] = attrs.filter(regex="^(row|column):").to_numpy(float)
-    probe = PR.relation_probe(inputs, attrs, seed=P.seed)
+    probe = GT.relation_probe(inputs, attrs, seed=P.seed)
     probe.columns = [c.removeprefix("relation:") for c in probe.columns]
     probe = probe.rename_axis("input").reset_index()
     out.table(probe, "relation_probe")
@@ -197,8 +192,8 @@ if gt_acts is not None:
 top = PR.TopSamples.from_frame(lex.top, candidates, "text")
 descriptions = pd.DataFrame()
 if D.samples is not None and len(final):
-    attrs_q = PR.sample_attributes(D.samples["probe"], question=True)
-    descriptions = PR.auto_interp(top, attrs_q, final, n_heldout=5, n_negatives=5, seed=P.seed)
+    attrs_q = GT.sample_attributes(D.samples["probe"], question=True)
+    descriptions = AI.auto_interp(top, attrs_q, final, n_heldout=5, n_negatives=5, seed=P.seed)
     if check is not None:
         descriptions = descriptions.merge(
             check.per_feature[["layer", "feature", "best_relation", "best_relation_auroc"]],
@@ -216,40 +211,18 @@ if len(descriptions):
 show = (descriptions.sort_values("f1", ascending=False) if len(descriptions) else final).head(3)
 n_ex = 3
 if len(show):
-    fig, axes = plt.subplots(
-        2 * len(show), n_ex, figsize=(3.2 * n_ex, 4.6 * len(show)), gridspec_kw={"height_ratios": [3, 1.2] * len(show)}
-    )
-    axes = np.atleast_2d(axes)
-    encode = PL._encoders(adapted, P.diffing.variant)
-    for r, row in enumerate(show.itertuples()):
+    encode = {layer: sae.encode for layer, sae in adapted.saes[P.diffing.variant].items()}
+    panels = []
+    for row in show.itertuples():
         idx = top.indices((row.layer, row.feature))[:n_ex]
         traces = [
             PR.feature_trace(vlm, encode[row.layer], row.layer, row.feature, D.probe.images[i], D.probe.questions[i])
             for i in idx
         ]
-        vmax = max([np.nanmax(np.r_[t.patch_acts_yx.numpy().ravel(), t.token_acts.numpy()]) for t in traces] + [1e-6])
-        for c in range(n_ex):
-            ax_i, ax_t = axes[2 * r, c], axes[2 * r + 1, c]
-            if c < len(traces):
-                t = traces[c]
-                title = f"L{row.layer} F{row.feature}" + (
-                    f": {row.description}" if c == 0 and hasattr(row, "description") else ""
-                )
-                PR.draw_feature_panel(
-                    ax_i,
-                    ax_t,
-                    D.probe.images[idx[c]],
-                    t.patch_acts_yx,
-                    t.tokens,
-                    t.token_acts,
-                    title="" if c else title,
-                    vmax=vmax,
-                    fontsize=7,
-                )
-            else:
-                ax_i.axis("off"), ax_t.axis("off")
-    fig.tight_layout()
-    out.figure(fig, "auto_interp_panels")
+        title = f"L{row.layer} F{row.feature}" + (f": {row.description}" if hasattr(row, "description") else "")
+        arrays = [(t.image, t.patch_acts_yx.numpy(), t.tokens, t.token_acts.numpy()) for t in traces]
+        panels.append((title, arrays))
+    out.figure(FG.plot_auto_interp_panels(panels, n_ex), "auto_interp_panels")
 else:
     print("the final set is empty: no panels to draw")
 
@@ -257,3 +230,6 @@ else:
 # The top features of the final set (by description F1), three top samples each: the image with the patches
 # where the feature fires shaded, and the question with its activating tokens shaded on the same colour scale.
 # The title is the description; the F1 in the table scores it on held-out top samples against random ones.
+
+# %% tags=["remove-input"]
+S.report()

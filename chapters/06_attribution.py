@@ -39,36 +39,28 @@
 # %% tags=["parameters"]
 profile = "default"
 
-# %%
-import textwrap
+# %% tags=["hide-input"]
 import time
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
 
-from lib.io.cache import Cache
+from lib.figures import attribution as FA
 from lib.io.outputs import Outputs
-from lib.io.profiles import load_profile
+from lib.kernels import attention as AN
 from lib.kernels import attribution as AT
-from lib.kernels.adapter import prepare
-from lib.steps import pipeline as PL
+from lib.kernels.adapter import iter_batches, prepare
+from lib.kernels.probing import feature_keys
+from lib.steps import heads as HD
+from lib.steps.study import Study
 
-P = load_profile(profile)
-out = Outputs("06_attribution", P.name)
-cache = Cache()
-vlm = PL.models(P, cache)
-D = PL.data(P)
-base = PL.base_saes(P, cache, vlm, D)
-adapted = PL.adapted_saes(P, cache, vlm, D, base)
-features = PL.feature_table(P, cache, vlm, D, base, adapted)
-sel = PL.spatial_selection(P, cache, vlm, D, adapted, features)
-final = sel.table[sel.table.final & (sel.table.layer >= 1)]
-fallback = final.empty
+S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
+P, out = S.P, Outputs("06_attribution", S.P.name)
+vlm, D, adapted, sel = S.vlm, S.data, S.adapted_saes, S.selection
+final, fallback = HD.attributed_features(sel.table)
 if fallback:  # say so loudly: the chapter then attributes adapted features, not spatial ones
-    final = sel.table[sel.table.adapted & (sel.table.layer >= 1)].nlargest(3, "visual_energy")
     print(
         f"THE FINAL SPATIAL SET IS EMPTY on profile {P.name!r}: attributing the {len(final)} adapted features "
         "with the highest visual energy instead, so that the method runs; read nothing spatial into this chapter"
@@ -82,67 +74,20 @@ print(
 # ## Attribution scores
 
 # %%
-scores = PL.head_scores(P, cache, vlm, D, adapted, final)
+scores = S.head_scores
 H = scores.table
-feature_layers = H.groupby("feature").feature_layer.first()
-names = list(feature_layers.index)
 L, n_heads = vlm.n_layers, vlm.n_heads
-
-
-def score_tensor(col):
-    t = torch.full((len(names), L, n_heads), float("nan"), dtype=torch.float64)
-    for r in H.itertuples():
-        t[names.index(r.feature), r.layer, r.head] = getattr(r, col)
-    return t
-
-
-agg = AT.aggregate(torch.nan_to_num(score_tensor("attr_clean"), nan=0.0), torch.tensor(feature_layers.to_numpy()))
-k = min(P.attribution.top_k, int(torch.isfinite(agg.score_lh).sum()))
-top = AT.top_heads(agg.score_lh, k)
-head_table = (
-    pd.DataFrame([dict(layer=l, head=h, score=float(agg.score_lh[l, h])) for l in range(L) for h in range(n_heads)])
-    .dropna()
-    .sort_values("score", ascending=False)
-)
+ranking = HD.head_ranking(H, L, n_heads, P.attribution.top_k)  # the paper's aggregation and its top k
+agg, top, head_table, k = ranking.aggregate, ranking.top, ranking.table, len(ranking.top)
 out.table(head_table, "head_scores")
 print("top heads:", ", ".join(f"L{l}H{h}" for l, h in top))
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 1.2, 1]})
-layer_profile = agg.layer_profile_l.numpy()  # not `profile`: that is the chapter's papermill parameter
-valid = np.isfinite(layer_profile)
-axes[0].bar(np.arange(L)[valid], layer_profile[valid], color="#1f77b4")
-resid = scores.timing["resid"].groupby("layer").score.mean()
-resid_scaled = resid / resid.sum() * np.nansum(layer_profile)  # the same total as the bars
-axes[0].plot(resid.index, resid_scaled, "k.--", label="residual stream (scaled)")
-axes[0].set(xlabel="layer", ylabel="aggregated head score", title="layer profile", xticks=range(L))
-axes[0].set_ylim(0, 1.3 * np.nanmax([*layer_profile, *resid_scaled]))  # room for the legend
-axes[0].legend(frameon=False, fontsize=8, loc="upper left")
-im = axes[1].imshow(agg.score_lh.numpy(), aspect="auto", cmap="viridis")
-axes[1].set(xlabel="head", ylabel="layer", title="layer × head", xticks=range(n_heads), yticks=range(L))
-axes[1].grid(False)
-fig.colorbar(im, ax=axes[1])
-best = head_table.head(max(k, 8))
-axes[2].barh(
-    [f"L{r.layer}H{r.head}" for r in best.itertuples()][::-1],
-    best.score.to_numpy()[::-1],
-    color=["#d62728" if (r.layer, r.head) in top else "0.6" for r in best.itertuples()][::-1],
-)
-axes[2].set(xlabel="aggregated score", title=f"top heads (red: the top {k})")
-fig.tight_layout()
-out.figure(fig, "layer_profile")
-fig, ax = plt.subplots(figsize=(5, 3.4))
-im = ax.imshow(agg.score_lh.numpy(), aspect="auto", cmap="viridis")
-ax.set(xlabel="head", ylabel="layer", xticks=range(n_heads), yticks=range(L))
-ax.grid(False)
-fig.colorbar(im, ax=ax, label="aggregated attribution score")
-fig.tight_layout()
-out.figure(fig, "head_heatmap")
-fig, ax = plt.subplots(figsize=(4.5, 3.2))
-ax.barh([f"L{l}H{h}" for l, h in top][::-1], [float(agg.score_lh[l, h]) for l, h in top][::-1], color="#d62728")
-ax.set_xlabel("aggregated attribution score")
-fig.tight_layout()
-out.figure(fig, "top_heads")
+score_lh = agg.score_lh.numpy()
+resid = scores.timing["resid"].groupby("layer").score.mean()  # attribution to each layer's residual stream
+out.figure(FA.plot_layer_profile(score_lh, agg.layer_profile_l.numpy(), resid, head_table, top, k), "layer_profile")
+out.figure(FA.plot_head_heatmap(score_lh), "head_heatmap")
+out.figure(FA.plot_top_heads(score_lh, top), "top_heads")
 
 # %% [markdown]
 # The layer profile sums each layer's aggregated head scores (bars; the dashed line is the attribution to each
@@ -169,18 +114,7 @@ print(
     f"{len(H)} (feature, head) pairs; exhaustive patching took {ratio:.1f}x the time of one attribution variant "
     f"({t['exhaustive_s']:.1f} s vs {t['attribution_s'] / 2:.1f} s on {t['n_samples']} samples)"
 )
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-for ax, (a, e) in zip(axes, pairs[:2], strict=True):
-    ax.scatter(H[e], H[a], s=12, c=H.feature_layer, cmap="viridis")
-    lim = [0, max(H[e].max(), H[a].max()) * 1.05]
-    ax.plot(lim, lim, "k:", lw=1)
-    ax.set(
-        xlabel="exhaustive activation patching",
-        ylabel=f"attribution ({a.removeprefix('attr_')} gradient)",
-        title=f"Spearman ρ = {stats.spearmanr(H[a], H[e]).statistic:.3f}",
-    )
-fig.tight_layout()
-out.figure(fig, "validation")
+out.figure(FA.plot_validation(H, validation.iloc[:2]), "validation")  # the paper's score, both gradients
 
 # %% [markdown]
 # Each dot is one (feature, head) pair: the paper's score from attribution patching (y) against the same score
@@ -196,8 +130,6 @@ out.figure(fig, "validation")
 # therefore (heads scored) / 4 and (heads scored x positions) / 4.
 
 # %%
-from lib.kernels.adapter import iter_batches
-from lib.kernels.probing import feature_keys
 
 
 def median_time(fn, repeats=3):
@@ -209,10 +141,10 @@ def median_time(fn, repeats=3):
     return float(np.median(times))
 
 
-deepest = max(PL.features_of(adapted, P.diffing.variant, feature_keys(final)), key=lambda f: f.layer)
+deepest = max(HD.features_of(adapted, P.diffing.variant, feature_keys(final)), key=lambda f: f.layer)
 items = D.statements[: P.attribution.batch_size]
 one = next(iter_batches(vlm, [s.image for s in items], [s.question for s in items], len(items)))
-mean_d = PL.mean_image(P, vlm, D)
+mean_d = HD.mean_image(vlm, D.heldout, P.attribution.batch_size)
 n_scored = deepest.layer * n_heads
 n_pos = int(one.post_image_bs.any(0).sum())  # positions patched one by one: post-image in any sequence
 ideal = AT.ideal_speedups(n_scored, n_pos)
@@ -249,13 +181,7 @@ print(
 # ## Causal checks: Table 2
 
 # %%
-others = sel.table[sel.table.adapted & ~sel.table.final & (sel.table.layer >= 1)]
-random_keys = list(
-    others.sample(min(len(final), len(others), 5), random_state=P.seed)[["layer", "feature"]].itertuples(
-        index=False, name=None
-    )
-)
-causal = PL.causal_table(P, cache, vlm, D, adapted, final, top, random_keys)
+causal = S.causal  # top heads and each attributed feature, with random controls (lib/steps/heads.py)
 cond = causal.assign(
     condition=causal.condition.where(~causal.condition.str.startswith("feature "), "each final feature").where(
         ~causal.condition.str.startswith("random feature "), "random adapted feature"
@@ -296,25 +222,15 @@ rows = [("statement", s.image, s.question) for s in spatial_items] + [
     ("control", c.image, c.question) for c in control_items
 ]
 batch = prepare(vlm, [r[1] for r in rows], [r[2] for r in rows])
-att = AT.image_attention(vlm, batch, show_heads, AT.last_token_bs(batch))
-fig, axes = plt.subplots(len(rows), 1 + len(show_heads), figsize=(2.3 * (1 + len(show_heads)), 2.4 * len(rows)))
-for i, (_kind, image, question) in enumerate(rows):
-    img = np.asarray(image)
-    axes[i, 0].imshow(img)
-    q = question.replace("statement : ", "").replace(" . is this correct ?", " ?")
-    axes[i, 0].set_title("\n".join(textwrap.wrap(q, 30)[:3]), fontsize=7)  # at most three lines
-    for j, head in enumerate(show_heads):
-        ax = axes[i, 1 + j]
-        ax.imshow(img)
-        grid = att.grid_bhyx[i, j].float().numpy()
-        ax.imshow(grid, cmap="magma", alpha=0.6, extent=(0, img.shape[1], img.shape[0], 0), interpolation="nearest")
-        ax.set_title(
-            f"{'top' if j == 0 else 'bottom'} L{head[0]}H{head[1]}\nmass on image {float(att.image_mass_bh[i, j]):.2f}",
-            fontsize=7,
-        )
-for ax in axes.flat:
-    ax.set_xticks([]), ax.set_yticks([]), ax.grid(False)
-fig.tight_layout()
+att = AN.image_attention(vlm, batch, show_heads, AN.last_token_bs(batch))
+fig = FA.plot_attention_overlays(
+    [r[1] for r in rows],
+    [r[2] for r in rows],
+    show_heads,
+    ["top"] + ["bottom"] * len(bottom),
+    att.grid_bhyx.float().cpu().numpy(),
+    att.image_mass_bh.double().cpu().numpy(),
+)
 out.figure(fig, "attention_overlays")
 
 # %% [markdown]
@@ -331,8 +247,8 @@ if D.samples is not None:
     for lo in range(0, len(items), P.attribution.batch_size):
         chunk = items[lo : lo + P.attribution.batch_size]
         b = prepare(vlm, [s.scene.render() for s in chunk], [s.question for s in chunk])
-        a = AT.image_attention(vlm, b, heads_all, AT.last_token_bs(b))
-        named = AT.attention_mass(a, [AT.scene_patches(s.scene, [s.subject, s.obj], grid_side) for s in chunk])
+        a = AN.image_attention(vlm, b, heads_all, AN.last_token_bs(b))
+        named = AN.attention_mass(a, [AN.scene_patches(s.scene, [s.subject, s.obj], grid_side) for s in chunk])
         masses.append((named / a.image_mass_bh.clamp_min(1e-9)).double())
     share_h = torch.cat(masses).mean(0)
     obj_share = pd.DataFrame(
@@ -342,7 +258,7 @@ if D.samples is not None:
         ]
     )
     out.table(obj_share, "object_attention")
-    chance = np.mean([len(AT.scene_patches(s.scene, [s.subject, s.obj], grid_side)) / grid_side**2 for s in items])
+    chance = np.mean([len(AN.scene_patches(s.scene, [s.subject, s.obj], grid_side)) / grid_side**2 for s in items])
     print(
         f"share of image attention on the two named objects: top heads "
         f"{obj_share[obj_share.top].share_on_named_objects.mean():.2f}, other heads "
@@ -360,10 +276,10 @@ if D.samples is not None:
 # One line per claim of the paper, each computed here from the cached results of the chapter that made it.
 
 # %%
-recon = PL.reconstruction(P, cache, vlm, D, base, adapted)
+recon = S.reconstruction
 fvu = recon[recon.stream == "vlm"].pivot_table(index=["layer", "split"], columns="sae", values="fvu")
 text_fvu, full_fvu = fvu.xs("text", level="split"), fvu.xs("full", level="split")
-med_cos = features.groupby("variant").dec_cos.median()
+med_cos = S.features.groupby("variant").dec_cos.median()
 clean = table2.set_index(["condition", "ablation"])
 stmt, ctrl = "statement: accuracy", "control: accuracy"
 lines = [
@@ -395,3 +311,6 @@ print("\n".join(lines))
 # from encoding the true relation. The attribution is validated (ρ above), but the ablation decides whether the top
 # heads are *specific*: a drop under top-head ablation that random heads from the same layers also cause, or that
 # the control task suffers too, means the heads are needed for reading the image at all, not for space.
+
+# %% tags=["remove-input"]
+S.report()

@@ -13,7 +13,7 @@ import torch
 
 from lib.io import cache as C
 from lib.io.profiles import load_profile
-from lib.steps.pipeline import world_census
+from lib.steps.study import Study
 
 
 @pytest.fixture
@@ -62,13 +62,14 @@ def test_changing_a_setting_recomputes_only_downstream(cache):
 def test_profile_value_changes_only_dependent_artifacts(cache, tmp_path):
     """A real step: the world census depends on `world.*` and `seed`, not on the profile's description."""
     P = load_profile("tiny")
-    _, a = world_census(P, cache)
+    _ = Study(P, cache).census
     other = P.__class__(**{**P.__dict__, "description": "changed"})
-    _, b = world_census(other, cache)
-    assert a.key == b.key
+    _ = Study(other, cache).census
+    assert [e["event"] for e in cache.events] == ["computed", "reused"]
     world = P.world.__class__(**{**P.world.__dict__, "n_census": P.world.n_census + 72})
-    _, c = world_census(P.__class__(**{**P.__dict__, "world": world}), cache)
-    assert c.key != a.key
+    _ = Study(P.__class__(**{**P.__dict__, "world": world}), cache).census
+    assert [e["event"] for e in cache.events] == ["computed", "reused", "computed"]
+    assert len({e["key"] for e in cache.events}) == 2
 
 
 def test_truncated_artifact_is_detected_and_recomputed(cache):

@@ -69,3 +69,28 @@ def test_organism_needs_all_its_sections_and_a_matching_world(tmp_path):
         load_profile(_write(tmp_path, BASE + "[world]\n[lm]\n"))
     with pytest.raises(ProfileError, match=r"tower\.patch.*world\.cell_px"):
         load_profile(_write(tmp_path, BASE + "[world]\ncell_px = 8\n[lm]\n[tower]\n[vlm]\n"))
+
+
+def test_every_setting_the_book_depends_on_is_written_in_the_profile_files():
+    """A reader sees every threshold where they choose a profile: no analysis value comes from a dataclass default
+    alone (the paper profile leaves out only the organism's own fields)."""
+    import dataclasses
+    import tomllib
+
+    from lib.io.profiles import PROFILE_DIR
+
+    organism_only = {
+        "sae": {"expansion", "k", "base_pairs", "base_lr", "base_batch_size", "adapt_pairs", "heldout_pairs"}
+        | {"sweep_expansion", "sweep_k", "sweep_pairs"},
+        "probing": {"n_questions", "n_ground_truth"},
+        "attribution": {"n_statements", "n_controls"},
+    }
+    for name in ("default", "tiny", "paper"):
+        raw = tomllib.loads((PROFILE_DIR / f"{name}.toml").read_text())
+        P = load_profile(name)
+        for section in ("world", "lm", "tower", "vlm", "sae", "diffing", "probing", "attribution"):
+            if getattr(P, section) is None:
+                continue
+            skip = organism_only.get(section, set()) if P.paper is not None else set()
+            missing = {f.name for f in dataclasses.fields(getattr(P, section))} - set(raw.get(section, {})) - skip
+            assert not missing, f"{name}.toml [{section}] does not write {sorted(missing)}"

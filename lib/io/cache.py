@@ -1,9 +1,13 @@
 """The artifact cache: every expensive result lives in a directory named by a hash of what it depends on.
 
 An artifact is a directory `<root>/<name>-<key16>/` holding its files and a `MANIFEST.json` that lists every file
-with its size and SHA-256. The key hashes exactly the artifact's name, a code version, its settings (plain JSON)
-and the keys of the upstream artifacts it was built from, so changing one profile value recomputes only what
-depends on it, and everything downstream of that.
+with its size and SHA-256. The key comes from the step's declaration (lib/steps/registry.py: a hash of exactly the
+profile fields it reads, its code version and the keys of the steps it follows); the manifest records those
+settings and upstream keys beside the files.
+
+Every lookup is recorded as an event (reused, computed, corrupt): `Cache.summary()` turns this run's events into
+one short report, and when the environment variable SPATIAL_CACHE_EVENTS names a file each event is also appended
+to it as one JSON line (the book's runner reads it for its log).
 
 Writes are atomic: `build` fills a temporary directory beside the final one, the manifest is written last, and
 one `os.rename` publishes the whole directory. A run killed mid-write leaves only a `.tmp-*` directory, which is
@@ -58,10 +62,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_key(name: str, version: int, settings: dict, deps: tuple[Artifact, ...] = ()) -> str:
-    """SHA-256 of the canonical JSON of everything the artifact depends on."""
+def make_key(name: str, version: int, settings: dict, dep_keys=()) -> str:
+    """SHA-256 of the canonical JSON of everything the artifact depends on (settings: plain JSON)."""
     blob = json.dumps(
-        {"name": name, "version": version, "settings": settings, "deps": sorted(d.key for d in deps)},
+        {"name": name, "version": version, "settings": settings, "deps": sorted(dep_keys)},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -69,31 +73,66 @@ def make_key(name: str, version: int, settings: dict, deps: tuple[Artifact, ...]
 
 
 class Cache:
-    """`cache.get(name, settings, build, deps=..., version=...)` returns a valid `Artifact`, building it if needed.
+    """`cache.get(name, settings, build, deps=..., key=..., version=...)` returns a valid `Artifact`, building it if
+    needed. The key is the step's (lib/steps/registry.py); `settings` and `deps` ({step: key}) go into the manifest.
+    The cache resolves keys; it never decides what a key hashes.
 
     `build(tmp_dir)` writes the artifact's files into `tmp_dir`; it may return a dict that is stored as
-    `info.json` (for small results such as timings and metrics).
+    `info.json` (for small results such as timings and metrics). `log`, if given, gets one line per lookup.
     """
 
     def __init__(
         self,
         root: str | Path | None = None,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
         stores: tuple[Path, ...] = (COMMITTED,),
     ):
         self.root = Path(root or os.environ.get("SPATIAL_CACHE") or DEFAULT_ROOT)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.log = log
+        self.log = log or (lambda message: None)
         self.stores = tuple(Path(s) for s in stores)  # read-only; same layout as root
+        self.events: list[dict] = []
 
     def path(self, name: str, key: str) -> Path:
         return self.root / f"{name}-{key[:16]}"
 
-    def checkpoint(self, name: str, settings: dict, *, deps=(), version: int = 1) -> Path:
-        """Where a resumable build of the artifact `get` would key this way keeps its checkpoint (its folder made)."""
-        path = self.root / "checkpoints" / f"{name}-{make_key(name, version, settings, tuple(deps))[:16]}.pt"
+    def checkpoint_path(self, name: str, key: str) -> Path:
+        """Where a resumable build of the artifact (name, key) keeps its checkpoint (its folder made)."""
+        path = self.root / "checkpoints" / f"{name}-{key[:16]}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def _event(
+        self, event: str, name: str, key: str, seconds: float | None = None, store: str | None = None, detail=""
+    ):
+        record = {"event": event, "name": name, "key": key[:16], "seconds": seconds, "store": store}
+        self.events.append(record)
+        sink = os.environ.get("SPATIAL_CACHE_EVENTS")
+        if sink:
+            with open(sink, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        where = f" from {store}/" if store else ""
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
+        self.log(f"[cache] {event} {name} ({key[:10]}){where}{took}" + (f": {detail}" if detail else ""))
+        if event == "corrupt":  # always said: a corrupted cache is worth a reader's attention
+            print(f"[cache] {name} ({key[:10]}){where} is corrupt, recomputing: {detail}")
+
+    def summary(self) -> str:
+        """This cache's lookups so far, in two lines: what was reused, what was computed and how long it took."""
+        seen: dict[str, dict] = {}
+        for e in self.events:  # a step looked up twice counts once, as its last outcome
+            seen[e["name"]] = e
+        reused = [n + (" (committed)" if e["store"] else "") for n, e in seen.items() if e["event"] == "reused"]
+        computed = [(n, e["seconds"]) for n, e in seen.items() if e["event"] == "computed"]
+        lines = [f"artifacts: {len(reused)} reused, {len(computed)} computed"]
+        if reused:
+            lines.append("  reused:   " + ", ".join(reused))
+        if computed:
+            total = sum(s for _, s in computed)
+            lines.append(
+                "  computed: " + ", ".join(f"{n} ({s:.1f} s)" for n, s in computed) + f"; {total:.1f} s in all"
+            )
+        return "\n".join(lines)
 
     def verify(self, path: Path) -> dict:
         """The manifest of a complete, intact artifact; raises CorruptArtifact naming what is wrong."""
@@ -122,29 +161,32 @@ class Cache:
         settings: dict,
         build: Callable[[Path], dict | None],
         *,
-        deps: tuple[Artifact, ...] | list[Artifact] = (),
+        key: str | None = None,
+        deps: dict[str, str] | list[Artifact] | tuple[Artifact, ...] = (),
         version: int = 1,
     ) -> Artifact:
-        deps = tuple(deps)
-        key = make_key(name, version, settings, deps)
+        """`deps`: the upstream keys by name (or the upstream Artifacts). `key`: the step's key; without it, the key
+        is made here from name, version, settings and the upstream keys (as lib/steps/registry.py makes it)."""
+        deps = dict(deps) if isinstance(deps, dict) else {d.name: d.key for d in deps}
+        key = key or make_key(name, version, settings, tuple(deps.values()))
         final = self.path(name, key)
         if final.exists():
             try:
                 self.verify(final)
-                self.log(f"[cache] reused {name} ({key[:10]})")
+                self._event("reused", name, key)
                 return Artifact(name, key, final)
             except CorruptArtifact as e:
-                self.log(f"[cache] corrupt {name} ({key[:10]}): {e}; recomputing")
+                self._event("corrupt", name, key, detail=str(e))
                 shutil.rmtree(final, ignore_errors=True)
         for store in self.stores:
             committed = store / final.name
             if committed.exists():
                 try:
                     self.verify(committed)
-                    self.log(f"[cache] reused {name} ({key[:10]}) from {store.name}/")
+                    self._event("reused", name, key, store=store.name)
                     return Artifact(name, key, committed)
                 except CorruptArtifact as e:  # never delete a committed file: report it and build locally
-                    self.log(f"[cache] corrupt {name} ({key[:10]}) in {store}: {e}; recomputing locally")
+                    self._event("corrupt", name, key, store=store.name, detail=str(e))
         tmp = self.root / f".tmp-{name}-{key[:16]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
@@ -163,7 +205,7 @@ class Cache:
                 "key": key,
                 "version": version,
                 "settings": settings,
-                "deps": {d.name: d.key for d in deps},
+                "deps": deps,
                 "build_s": round(seconds, 3),
                 "files": files,
             }
@@ -177,7 +219,7 @@ class Cache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.log(f"[cache] computed {name} ({key[:10]}) in {seconds:.1f} s")
+        self._event("computed", name, key, seconds=round(seconds, 3))
         return Artifact(name, key, final)
 
     def clean_tmp(self) -> int:

@@ -1,0 +1,292 @@
+"""The organism's steps: the world census, the base LM and the vision tower trained independently, the VLM from
+both, and their held-out accuracy; `python -m lib.steps.organism` exports the three models to `artifacts/`.
+
+Three model artifacts, so that a change to the VLM's settings retrains the VLM only, and a change to the LM's
+retrains the LM and the VLM. None of them reads the [world] section: the organism generates its own training
+streams at the world's fixed 48 px size (lib/io/profiles.py checks the profile agrees), so e.g. a larger census
+must not retrain the models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from lib.io.cache import Artifact, load_table, save_table
+from lib.sources import world as W
+from lib.steps.registry import step
+
+# Splits of the generated world. Each is an independent random stream, so no scene is shared between splits.
+CENSUS_SPLITS = {"train": tuple(W.QTYPES), "heldout": tuple(W.QTYPES), "bench": ("statement",)}
+MODEL_STEPS = ("lm", "tower", "vlm")
+
+
+def _pixels_agree(sample: W.Sample) -> bool:
+    """Every object's colour is at the centre of its box in the rendered image, and nothing else is drawn."""
+    img = sample.scene.render()
+    for o in sample.scene.objects:
+        x0, y0, x1, y1 = o.box
+        if tuple(img[(y0 + y1) // 2, (x0 + x1) // 2]) != W.COLORS[o.color]:
+            return False
+    drawn = (img != np.array(W.BACKGROUND, dtype=np.uint8)).any(-1)
+    inside = np.zeros_like(drawn)
+    for o in sample.scene.objects:
+        x0, y0, x1, y1 = o.box
+        inside[y0 : y1 + 1, x0 : x1 + 1] = True
+    return not (drawn & ~inside).any()
+
+
+@step("world-census", reads=("seed", "world.n_census", "world.cell_px", "world.n_objects"))
+def world_census(ctx) -> pd.DataFrame:
+    """Regenerate `n_census` samples of every split and check each against its scene's ground truth."""
+    P = ctx.P
+
+    def build(out):
+        rows = []
+        for split, qtypes in CENSUS_SPLITS.items():
+            for s in W.make_samples(P.seed, split, P.world.n_census, qtypes, P.world.cell_px, P.world.n_objects):
+                rows.append(
+                    dict(
+                        split=split,
+                        index=s.index,
+                        qtype=s.qtype,
+                        family=s.family,
+                        question=s.question,
+                        answer=s.answer,
+                        keyword_spatial=s.spatial,
+                        relation=s.relation,
+                        n_objects=len(s.scene.objects),
+                        answer_consistent=W.check_answer(s),
+                        pixels_consistent=_pixels_agree(s),
+                    )
+                )
+        save_table(out / "census.parquet", pd.DataFrame(rows))
+
+    return load_table(ctx.cached(build) / "census.parquet")
+
+
+def _save_model(out, model, tokenizer=None) -> None:
+    # HF records the directory a model was loaded from; a cache path says nothing and differs between machines.
+    for config in (
+        model.config,
+        getattr(model.config, "text_config", None),
+        getattr(model.config, "vision_config", None),
+    ):
+        if config is not None:
+            config._name_or_path = ""
+    model.save_pretrained(out / "model")  # safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / "model")
+
+
+def _organism_only(ctx) -> None:
+    if ctx.P.paper is not None:
+        raise ValueError(f"profile {ctx.P.name!r} uses the paper's models: step {ctx.step.name!r} has no organism")
+
+
+# The keys of these three are those of the committed artifacts (artifacts/PROVENANCE-default.json): their declared
+# fields and versions must stay as they are, or the artifacts be re-keyed (see the README's layout section).
+@step("lm", reads=("seed", "threads", "lm"), version=2)
+def base_lm(ctx) -> Artifact:
+    import torch
+
+    from lib.sources.organism_training import train_lm
+    from lib.sources.tokenizer import build_tokenizer
+
+    _organism_only(ctx)
+    P = ctx.P
+
+    def build(out):
+        torch.set_num_threads(P.threads)
+        tokenizer = build_tokenizer()
+        res = train_lm(P.lm, tokenizer, P.seed)
+        _save_model(out, res.model, tokenizer)
+        save_table(out / "accuracy.parquet", res.accuracy)
+        return {"history": res.history, "curve": res.curve}
+
+    return ctx.cached(build)
+
+
+@step("tower", reads=("seed", "threads", "tower"), version=2)
+def vision_tower(ctx) -> Artifact:
+    import torch
+
+    from lib.sources.organism_training import train_tower
+
+    _organism_only(ctx)
+    P = ctx.P
+
+    def build(out):
+        torch.set_num_threads(P.threads)
+        res = train_tower(P.tower, P.seed)
+        _save_model(out, res.model)  # the per-patch probes trained with it are not part of the tower
+        return {"accuracy": res.accuracy, "curve": res.curve}
+
+    return ctx.cached(build)
+
+
+@step("vlm", after=("lm", "tower"), reads=("seed", "threads", "vlm", "tower"), version=3)  # 3: fresh scenes
+def vlm(ctx) -> Artifact:
+    """The VLM, fine-tuned from the base LM with the frozen tower (it reads the tower's layout). Resumable: a killed
+    build restarts from its checkpoint in the cache directory (stage 2 is hours on a CPU)."""
+    import torch
+    from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+    from lib.sources.organism_training import train_vlm
+
+    _organism_only(ctx)
+    P = ctx.P
+    lm_art, tower_art = ctx.up("lm"), ctx.up("tower")
+    checkpoint = ctx.checkpoint()
+
+    def build(out):
+        torch.set_num_threads(P.threads)
+        tokenizer = AutoTokenizer.from_pretrained(lm_art / "model")
+        lm = LlamaForCausalLM.from_pretrained(lm_art / "model")
+        tower = CLIPVisionModel.from_pretrained(tower_art / "model")
+        res = train_vlm(P.vlm, lm, tower, P.tower, tokenizer, P.seed, checkpoint=checkpoint)
+        _save_model(out, res.model, tokenizer)
+        save_table(out / "accuracy.parquet", res.accuracy)
+        save_table(out / "accuracy_mean_image.parquet", res.accuracy_mean_image)
+        checkpoint.unlink(missing_ok=True)
+        return {"history": res.history, "curve_stage1": res.curve_stage1, "curve_stage2": res.curve_stage2}
+
+    return ctx.cached(build)
+
+
+class OrganismModels(NamedTuple):
+    tokenizer: object
+    lm: object  # LlamaForCausalLM, the base LM (before fine-tuning)
+    vlm: object  # LlavaForConditionalGeneration (after)
+    artifacts: dict[str, Artifact]
+
+
+@step("organism", after=MODEL_STEPS, cached=False)
+def organism(ctx) -> OrganismModels:
+    """The trained pair, loaded from the cache (trained first if needed)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    _organism_only(ctx)
+    arts = {name: ctx.up(name) for name in MODEL_STEPS}
+    tokenizer = AutoTokenizer.from_pretrained(arts["vlm"] / "model")
+    lm = LlamaForCausalLM.from_pretrained(arts["lm"] / "model").eval()
+    model = LlavaForConditionalGeneration.from_pretrained(arts["vlm"] / "model").eval()
+    return OrganismModels(tokenizer, lm, model, arts)
+
+
+@step("heldout-accuracy", after=("organism",), reads=("seed", "threads", "world.n_heldout"))
+def heldout_accuracy(ctx) -> pd.DataFrame:
+    """Held-out accuracy per question type on `world.n_heldout` samples (the training runs' own tables score 100 per
+    type, too few to tell 0.93 from 0.95): base LM on captions, VLM on images and with the mean image embedding."""
+    import torch
+
+    from lib.sources import organism as O
+
+    P, m = ctx.P, ctx.up("organism")
+
+    def build(out):
+        torch.set_num_threads(P.threads)
+        samples = O.eval_samples(P.seed + 1, P.world.n_heldout)  # the training runs' held-out split, extended
+        lm = O.evaluate_lm(m.lm, m.tokenizer, samples)
+        tables = {
+            "lm_text": lm,
+            "vlm_image": O.evaluate_vlm(m.vlm, m.tokenizer, samples),
+            "vlm_mean_image": O.evaluate_vlm(m.vlm, m.tokenizer, samples, corrupt="mean_image"),
+        }
+        table = lm[["qtype", "family", "n", "majority"]].copy()
+        for name, t in tables.items():
+            table[name] = t.set_index("qtype").accuracy.reindex(table.qtype).to_numpy()
+        save_table(out / "table.parquet", table)
+
+    return load_table(ctx.cached(build) / "table.parquet")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `make organism`: train the organism of a profile on this CPU and commit it as versioned artifacts.
+
+
+def export_organism(profile: str, store: Path, verify: bool = False) -> int:
+    """Train (or reuse from the local cache) the organism of `profile` and copy its three artifacts into `store`
+    with a PROVENANCE.json (command, seed, threads, code commit, versions, checksums). With `verify`, retrain from
+    scratch in a cache of its own instead and compare every file's checksum with the committed artifacts. Both are
+    resumable: a finished step is kept in its cache and the VLM's stage 2 checkpoints, so a killed run restarted
+    with the same command goes on where it stopped (the verification cache is removed once it has passed)."""
+    import json
+    import platform
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from lib.io.cache import MANIFEST, Cache, load_json
+    from lib.steps.study import Study
+
+    S = Study(profile, Cache(stores=()))
+    P = S.P
+    if P.lm is None:
+        raise SystemExit(f"profile {profile!r} has no organism ([lm], [tower], [vlm] sections)")
+    if verify:
+        scratch = S.cache.root.parent / f"verify-{profile}"  # beside the local cache, never the store
+        arts = Study(P, Cache(scratch, stores=())).organism.artifacts
+        bad = []
+        for name in MODEL_STEPS:
+            ours, committed = load_json(arts[name] / MANIFEST), store / arts[name].path.name / MANIFEST
+            if not committed.exists():
+                bad.append(f"{name}: no committed artifact {committed.parent} (settings or code changed?)")
+                continue
+            theirs = load_json(committed)["files"]
+            # Weights and result tables must be equal bit for bit; info.json holds wall-clock times.
+            differ = [f for f, meta in ours["files"].items() if f != "info.json" and theirs.get(f) != meta]
+            if differ:
+                bad.append(f"{name}: retrained {', '.join(differ)} differ from {committed.parent}")
+        print("\n".join(bad) or f"organism of {profile!r}: retrained bit for bit equal to {store}/")
+        if not bad:
+            shutil.rmtree(scratch)
+        return 1 if bad else 0
+    arts = S.organism.artifacts
+    store.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "lib"], capture_output=True, text=True).stdout)
+    provenance = {}
+    for name in MODEL_STEPS:
+        target = store / arts[name].path.name
+        if not target.exists():
+            shutil.copytree(arts[name].path, target)
+        manifest = load_json(target / MANIFEST)
+        provenance[name] = {
+            "artifact": target.name,
+            "key": arts[name].key,
+            "build_s": manifest["build_s"],
+            "files": manifest["files"],
+        }
+    provenance["made_by"] = {
+        "command": " ".join([Path(sys.executable).name, "-m", "lib.steps.organism", *sys.argv[1:]]),
+        "profile": profile,
+        "seed": P.seed,
+        "threads": P.threads,
+        "code_commit": commit + (" (lib/ had uncommitted changes)" if dirty else ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
+    }
+    (store / f"PROVENANCE-{profile}.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
+    print(f"organism of {profile!r} exported to {store}/ ({', '.join(provenance[n]['artifact'] for n in MODEL_STEPS)})")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from lib.io.cache import COMMITTED
+
+    parser = argparse.ArgumentParser(prog="python -m lib.steps.organism", description="Train and export the organism.")
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--store", type=Path, default=COMMITTED)
+    parser.add_argument("--verify", action="store_true", help="retrain from scratch and compare with the store")
+    args = parser.parse_args()
+    raise SystemExit(export_organism(args.profile, args.store, args.verify))
