@@ -68,10 +68,10 @@ chapter: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.io.runner --profile $(PROFILE) --chapter $(CHAPTER) $(RUNNER_ARGS)
 
 organism: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.organism --profile $(PROFILE)
+	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE)
 
 organism-verify: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.organism --profile $(PROFILE) --verify
+	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) --verify
 
 check: $(STAMP)
 	$(PY) -m lib.io.runner --profile $(PROFILE) --check

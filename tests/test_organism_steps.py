@@ -7,7 +7,7 @@ import torch
 
 from lib.io.cache import Cache
 from lib.io.profiles import load_profile
-from lib.steps.organism import export_organism
+from lib.steps.export import export_organism
 from lib.steps.study import Study
 
 

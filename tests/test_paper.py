@@ -34,7 +34,7 @@ def llm_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm(fake, llm_path):
-    return PM.load_paper_vlm(fake.path, llm_path, fake.clip_path)
+    return A.VLM(**PM.paper_vlm_parts(fake.path, llm_path, fake.clip_path))
 
 
 @pytest.fixture(scope="module")

@@ -45,8 +45,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib.kernels.adapter import VLM
-
 LLAVA_MORE_ID = "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning"
 LLM_ID = "meta-llama/Llama-3.1-8B-Instruct"
 CLIP_ID = "openai/clip-vit-large-patch14-336"
@@ -363,7 +361,7 @@ def image_token_id_of(tokenizer, token: str = IMAGE_TOKEN) -> int:
     return int(token_id)
 
 
-def load_paper_vlm(
+def paper_vlm_parts(
     vlm: str | Path = LLAVA_MORE_ID,
     llm: str | Path | None = LLM_ID,
     clip: str | Path | None = None,
@@ -371,9 +369,10 @@ def load_paper_vlm(
     device=None,
     dtype=None,
     add_generation_prompt: bool = False,
-) -> VLM:
-    """The paper's VLM bundle: converted LLaVA-MORE, its tokenizer, pad preprocessing and prompt, and (unless
-    `llm=None`) Llama-3.1-8B-Instruct with its tokenizer and the text-only prompt. bf16 on GPU, fp32 on CPU."""
+) -> dict:
+    """The parts of the paper's VLM bundle (the fields of lib.kernels.adapter.VLM, which a step assembles: sources
+    come before kernels): converted LLaVA-MORE, its tokenizer, pad preprocessing and prompt, and (unless `llm=None`)
+    Llama-3.1-8B-Instruct with its tokenizer and the text-only prompt. bf16 on GPU, fp32 on CPU."""
     from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
     device, dtype = _default_device_dtype(device, dtype)
@@ -404,7 +403,7 @@ def load_paper_vlm(
             lm_prompt=partial(text_stream_prompt, lm_tokenizer),
             lm_add_special_tokens=False,
         )
-    return VLM(**bundle)
+    return bundle
 
 
 # ---------------------------------------------------------------------------------------------------------------

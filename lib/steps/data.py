@@ -231,17 +231,18 @@ def models(ctx):
 
     P = ctx.P
     if P.paper is not None:
-        from lib.sources.paper_models import load_paper_vlm
+        from lib.sources.paper_models import paper_vlm_parts
 
         # The generation prompt (assistant header) ends every prompt, so the last position is where the answer is
         # formed: the statement benchmark reads its next-token logits there.
-        return load_paper_vlm(
+        parts = paper_vlm_parts(
             P.paper.vlm,
             P.paper.llm,
             P.paper.vision_tower,
             dtype=getattr(torch, P.paper.dtype),
             add_generation_prompt=True,
         )
+        return VLM(**parts)
     from lib.sources import organism as O
     from lib.sources.tokenizer import BOS, IMAGE
 

@@ -1,5 +1,5 @@
 """The organism's steps: the world census, the base LM and the vision tower trained independently, the VLM from
-both, and their held-out accuracy; `python -m lib.steps.organism` exports the three models to `artifacts/`.
+both, and their held-out accuracy (`make organism` exports the three models to `artifacts/`: lib/steps/export.py).
 
 Three model artifacts, so that a change to the VLM's settings retrains the VLM only, and a change to the LM's
 retrains the LM and the VLM. None of them reads the [world] section: the organism generates its own training
@@ -9,7 +9,6 @@ must not retrain the models.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -202,91 +201,3 @@ def heldout_accuracy(ctx) -> pd.DataFrame:
         save_table(out / "table.parquet", table)
 
     return load_table(ctx.cached(build) / "table.parquet")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# `make organism`: train the organism of a profile on this CPU and commit it as versioned artifacts.
-
-
-def export_organism(profile: str, store: Path, verify: bool = False) -> int:
-    """Train (or reuse from the local cache) the organism of `profile` and copy its three artifacts into `store`
-    with a PROVENANCE.json (command, seed, threads, code commit, versions, checksums). With `verify`, retrain from
-    scratch in a cache of its own instead and compare every file's checksum with the committed artifacts. Both are
-    resumable: a finished step is kept in its cache and the VLM's stage 2 checkpoints, so a killed run restarted
-    with the same command goes on where it stopped (the verification cache is removed once it has passed)."""
-    import json
-    import platform
-    import shutil
-    import subprocess
-    import sys
-
-    import torch
-    import transformers
-
-    from lib.io.cache import MANIFEST, Cache, load_json
-    from lib.steps.study import Study
-
-    S = Study(profile, Cache(stores=()))
-    P = S.P
-    if P.lm is None:
-        raise SystemExit(f"profile {profile!r} has no organism ([lm], [tower], [vlm] sections)")
-    if verify:
-        scratch = S.cache.root.parent / f"verify-{profile}"  # beside the local cache, never the store
-        arts = Study(P, Cache(scratch, stores=())).organism.artifacts
-        bad = []
-        for name in MODEL_STEPS:
-            ours, committed = load_json(arts[name] / MANIFEST), store / arts[name].path.name / MANIFEST
-            if not committed.exists():
-                bad.append(f"{name}: no committed artifact {committed.parent} (settings or code changed?)")
-                continue
-            theirs = load_json(committed)["files"]
-            # Weights and result tables must be equal bit for bit; info.json holds wall-clock times.
-            differ = [f for f, meta in ours["files"].items() if f != "info.json" and theirs.get(f) != meta]
-            if differ:
-                bad.append(f"{name}: retrained {', '.join(differ)} differ from {committed.parent}")
-        print("\n".join(bad) or f"organism of {profile!r}: retrained bit for bit equal to {store}/")
-        if not bad:
-            shutil.rmtree(scratch)
-        return 1 if bad else 0
-    arts = S.organism.artifacts
-    store.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "lib"], capture_output=True, text=True).stdout)
-    provenance = {}
-    for name in MODEL_STEPS:
-        target = store / arts[name].path.name
-        if not target.exists():
-            shutil.copytree(arts[name].path, target)
-        manifest = load_json(target / MANIFEST)
-        provenance[name] = {
-            "artifact": target.name,
-            "key": arts[name].key,
-            "build_s": manifest["build_s"],
-            "files": manifest["files"],
-        }
-    provenance["made_by"] = {
-        "command": " ".join([Path(sys.executable).name, "-m", "lib.steps.organism", *sys.argv[1:]]),
-        "profile": profile,
-        "seed": P.seed,
-        "threads": P.threads,
-        "code_commit": commit + (" (lib/ had uncommitted changes)" if dirty else ""),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
-    }
-    (store / f"PROVENANCE-{profile}.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
-    print(f"organism of {profile!r} exported to {store}/ ({', '.join(provenance[n]['artifact'] for n in MODEL_STEPS)})")
-    return 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from lib.io.cache import COMMITTED
-
-    parser = argparse.ArgumentParser(prog="python -m lib.steps.organism", description="Train and export the organism.")
-    parser.add_argument("--profile", default="default")
-    parser.add_argument("--store", type=Path, default=COMMITTED)
-    parser.add_argument("--verify", action="store_true", help="retrain from scratch and compare with the store")
-    args = parser.parse_args()
-    raise SystemExit(export_organism(args.profile, args.store, args.verify))

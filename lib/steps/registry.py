@@ -103,9 +103,8 @@ def declared_settings(P: Profile, reads: tuple[str, ...]) -> dict:
 
 
 def step_keys(P: Profile) -> dict[str, str]:
-    """Every declared step's key under profile `P`, computed from the declarations alone (nothing is built)."""
-    import lib.steps  # noqa: F401  (registers every step)
-
+    """Every declared step's key under profile `P`, computed from the declarations alone (nothing is built). Every
+    step is registered by then: importing any module of lib.steps runs lib/steps/__init__.py first."""
     keys: dict[str, str] = {}
     for s in STEPS.values():  # declaration order is topological: a step follows only steps declared before it
         keys[s.name] = make_key(s.name, s.version, declared_settings(P, s.reads), tuple(keys[a] for a in s.after))

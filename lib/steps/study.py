@@ -56,8 +56,6 @@ class Study:
     """The pipeline of one profile. Attributes are the steps' results, computed on first use."""
 
     def __init__(self, profile: str | Path | Profile = "default", cache: Cache | None = None):
-        import lib.steps  # noqa: F401  (registers every step)
-
         self.P = profile if isinstance(profile, Profile) else load_profile(profile)
         self.cache = cache if cache is not None else Cache()
         self.keys = step_keys(self.P)
