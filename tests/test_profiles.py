@@ -84,11 +84,12 @@ def test_every_setting_the_book_depends_on_is_written_in_the_profile_files():
         | {"sweep_expansion", "sweep_k", "sweep_pairs"},
         "probing": {"n_questions", "n_ground_truth"},
         "attribution": {"n_statements", "n_controls"},
+        "referee": {f.name for f in dataclasses.fields(load_profile("default").referee)},
     }
     for name in ("default", "tiny", "paper"):
         raw = tomllib.loads((PROFILE_DIR / f"{name}.toml").read_text())
         P = load_profile(name)
-        for section in ("world", "lm", "tower", "vlm", "sae", "diffing", "probing", "attribution"):
+        for section in ("world", "lm", "tower", "vlm", "sae", "diffing", "probing", "attribution", "referee"):
             if getattr(P, section) is None:
                 continue
             skip = organism_only.get(section, set()) if P.paper is not None else set()

@@ -201,6 +201,20 @@ class AttributionConfig(Section):
 
 
 @dataclass(frozen=True)
+class RefereeConfig(Section):
+    """The ground truth referees the method (chapters/07_ground_truth.py; organism only)."""
+
+    n_relation: int = _int_in(1600, 16, 1_000_000)  # two-object relation and statement questions (probes, features)
+    min_auroc: float = _float_in(0.9, 0.5, 1.0)  # reference set: a feature whose relation score reaches this
+    cv_folds: int = _int_in(5, 2, 20)  # cross-validation folds of every probe
+    n_sweep: int = _int_in(900, 9, 1_000_000)  # held-out samples (all question types) of the single-head sweep
+    n_head_draws: int = _int_in(500, 1, 1_000_000)  # random head sets drawn for the control distribution
+    n_counterfactual: int = _int_in(400, 8, 1_000_000)  # relation questions with object-swap / word-swap twins
+    steer_scale: float = _float_in(4.0, 0.0, 1e6)  # steering: this many times the feature's mean activation
+    n_steer_random: int = _int_in(20, 1, 10_000)  # random directions of the same norm
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -217,6 +231,7 @@ class Profile:
     diffing: DiffingConfig = field(default_factory=DiffingConfig)
     probing: ProbingConfig = field(default_factory=ProbingConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    referee: RefereeConfig = field(default_factory=RefereeConfig)
 
     def __post_init__(self):
         if (self.world is None) == (self.paper is None):
@@ -247,6 +262,7 @@ _SECTION_TYPES = {
     "diffing": DiffingConfig,
     "probing": ProbingConfig,
     "attribution": AttributionConfig,
+    "referee": RefereeConfig,
 }
 
 

@@ -41,6 +41,9 @@ SPLIT_SIZE = {
     "ground_truth": "probing.n_ground_truth",
     "statements": "attribution.n_statements",
     "controls": "attribution.n_controls",
+    "relation": "referee.n_relation",
+    "sweep": "referee.n_sweep",
+    "counterfactual": "referee.n_counterfactual",
 }
 # split -> (the world's stream name, question types, object counts or None for the profile's)
 _STREAMS = {
@@ -52,6 +55,11 @@ _STREAMS = {
     "ground_truth": ("ground-truth", tuple(W.QTYPES), (2,)),
     "statements": ("bench", ("statement",), None),
     "controls": ("control", ("color", "shape"), None),
+    # The referee (chapter 7): relation questions in both templates on two-object scenes, every question type for
+    # the head sweep, and relation questions whose twins swap the objects or the relation word.
+    "relation": ("referee-relation", ("relation", "statement"), (2,)),
+    "sweep": ("referee-sweep", tuple(W.QTYPES), None),
+    "counterfactual": ("referee-counterfactual", ("relation", "statement"), (2,)),
 }
 
 
@@ -168,6 +176,18 @@ class Data:
         from lib.kernels.causal import statements_from_samples
 
         return self._get("statements", lambda: statements_from_samples(self._world("statements")))
+
+    @property
+    def relation(self) -> list[W.Sample]:  # the referee's relation questions (organism only)
+        return self._world("relation")
+
+    @property
+    def sweep(self) -> list[W.Sample]:  # every question type, for the single-head ablation sweep (organism only)
+        return self._world("sweep")
+
+    @property
+    def counterfactual(self) -> list[W.Sample]:  # relation questions to twin (organism only)
+        return self._world("counterfactual")
 
     @cached_property
     def controls(self) -> list:  # attribution.Choice: the non-spatial control task (organism only)
