@@ -10,6 +10,7 @@ STEP_MODULES = (
     "saes",  # base SAEs, their sweep, adapted SAEs, reconstruction
     "features",  # feature table, spatial stats, lexical, the hub, selection, ground-truth activations
     "heads",  # head scores, causal checks
+    "referee",  # chapter 7: truth probes, truth scores, the reference set, the referee
 )
 for _module in STEP_MODULES:
     importlib.import_module(f"lib.steps.{_module}")

@@ -87,6 +87,10 @@ class Study:
     ground_truth_acts = property(lambda self: self.run("ground-truth-acts"))
     head_scores = property(lambda self: self.run("head-scores"))
     causal = property(lambda self: self.run("causal-checks"))
+    truth_probes = property(lambda self: self.run("truth-probes"))
+    truth_scores = property(lambda self: self.run("truth-scores"))
+    truth_features = property(lambda self: self.run("truth-features"))
+    referee = property(lambda self: self.run("referee"))
 
     @cached_property
     def data(self):
