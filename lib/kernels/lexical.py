@@ -8,7 +8,9 @@ sample take the best prompt; the feature survives if that best activation exceed
 sample. `prompt_rule="every"` asks for every prompt instead (stricter; the wording of `lexical_survivors`'
 docstring). The book uses the "all" reading, which is what the authors' code tests (their pass flag reads
 `max_all`); the "image" reading is shown beside it: it keeps only features that fire on image tokens, so it drops
-features that respond to the image only at text positions.
+features that respond to the image only at text positions. A third reading, "post_image" (the prompt text after
+the image), is computed when asked for (`readings=ALL_READINGS`): under causal attention the image tokens never see
+the prompt, so it is the only reading in which the swapped words can change anything (chapter 7).
 
 Shape key: s = top samples (by rank), p = prompts, b = sequences of a batch, f = (layer, feature) columns.
 """
@@ -24,6 +26,7 @@ import torch
 
 from lib.kernels.adapter import VLM, prepare
 from lib.kernels.probing import (
+    ALL_READINGS,
     READINGS,
     FeatureKey,
     Reading,
@@ -69,6 +72,7 @@ def lexical_filter(
     prompt_rule: Literal["best", "every"] = "best",
     top: TopSamples | None = None,
     batch_size: int = 8,
+    readings: Sequence[Reading] = READINGS,
 ) -> LexicalResult:
     """The lexical filter under both readings (module docstring).
 
@@ -76,9 +80,14 @@ def lexical_filter(
     `lib.sources.world.vlm_prompt(prompt)` and the paper's VLM its own chat template (pass `PAPER_GENERIC_PROMPTS`
     there).
     `top`: top samples computed earlier (default: `top_samples(..., top_n, positions="text")`).
-    Each distinct (top sample, prompt) pair runs once, whatever the number of features sharing the sample."""
-    if reading not in READINGS:
-        raise ValueError(f"reading = {reading!r}: expected one of {READINGS}")
+    Each distinct (top sample, prompt) pair runs once, whatever the number of features sharing the sample.
+    `readings`: the position sets read (default the paper's two; `ALL_READINGS` adds "post_image"). Every reading is a
+    subset of "all", so adding one changes neither the forward pass nor the other readings' values."""
+    readings = tuple(readings)
+    if any(r not in ALL_READINGS for r in readings) or not set(READINGS) <= set(readings):
+        raise ValueError(f"readings = {readings!r}: expected {READINGS} and any of {ALL_READINGS}")
+    if reading not in readings:
+        raise ValueError(f"reading = {reading!r}: expected one of {readings}")
     if prompt_rule not in ("best", "every"):
         raise ValueError(f"prompt_rule = {prompt_rule!r}: expected 'best' or 'every'")
     keys = feature_keys(candidates)
@@ -91,17 +100,17 @@ def lexical_filter(
     for col, key in enumerate(keys):
         for rank, i in enumerate(lists[key]):
             owners.setdefault(i, []).append((col, rank))
-    max_sp = {r: {key: torch.zeros(len(lists[key]), len(prompts)) for key in keys} for r in READINGS}
+    max_sp = {r: {key: torch.zeros(len(lists[key]), len(prompts)) for key in keys} for r in readings}
     unique = sorted(owners)
     for start in range(0, len(unique), batch_size):
         chunk = unique[start : start + batch_size]
         images = [samples.images[i] for i in chunk]
         for p, prompt in enumerate(prompts):
             batch = prepare(vlm, images, [prompt] * len(chunk))
-            max_bf = sequence_max(vlm, encode_by_layer, keys, batch, READINGS)
+            max_bf = sequence_max(vlm, encode_by_layer, keys, batch, readings)
             for b, i in enumerate(chunk):
                 for col, rank in owners[i]:
-                    for r in READINGS:
+                    for r in readings:
                         max_sp[r][keys[col]][rank, p] = max_bf[r][b, col]
 
     def survives(m_sp: torch.Tensor) -> bool:
@@ -112,12 +121,13 @@ def lexical_filter(
     rows = []
     for layer, feature in keys:
         row = {"layer": layer, "feature": feature, "n_top": len(lists[(layer, feature)])}
-        for r in READINGS:
+        for r in readings:
             m_sp = max_sp[r][(layer, feature)]
             row[f"min_best_{r}"] = float(m_sp.amax(1).min()) if len(m_sp) else math.nan
             row[f"lexical_{r}"] = survives(m_sp)
         rows.append(row)
-    table = pd.DataFrame(rows, columns=_LEXICAL_COLUMNS)
+    extra = [c for r in readings if r not in READINGS for c in (f"min_best_{r}", f"lexical_{r}")]
+    table = pd.DataFrame(rows, columns=[*_LEXICAL_COLUMNS, *extra])
     table["lexical"] = table[f"lexical_{reading}"].astype(bool)
     return LexicalResult(table, max_sp, prompts, reading, top)
 

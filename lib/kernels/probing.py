@@ -42,8 +42,11 @@ from lib.sources import world as W
 
 FeatureKey = tuple[int, int]  # (layer, feature)
 Positions = Literal["text", "all", "image", "post_image"]
-Reading = Literal["all", "image"]
-READINGS: tuple[Reading, ...] = ("all", "image")
+Reading = Literal["all", "image", "post_image"]
+READINGS: tuple[Reading, ...] = ("all", "image")  # the paper's two readings: what the lexical step computes
+# A third reading, asked for by name (lib.kernels.lexical.lexical_filter's `readings`): the prompt text after the
+# image, the only positions that can see the swapped prompt's words (chapter 7).
+ALL_READINGS: tuple[Reading, ...] = ("all", "image", "post_image")
 
 
 class _Rendered(Sequence):
