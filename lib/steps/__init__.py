@@ -11,6 +11,7 @@ STEP_MODULES = (
     "features",  # feature table, spatial stats, lexical, the hub, selection, ground-truth activations
     "heads",  # head scores, causal checks
     "referee",  # chapter 7: truth probes, truth scores, the reference set, the referee
+    "referee_heads",  # chapter 7: the head sweep, random head sets, sufficiency, counterfactual attribution, steering
     "referee_lexical",  # chapter 7: the lexical test in the organism's words, counterfactual twins, emergence
 )
 for _module in STEP_MODULES:
