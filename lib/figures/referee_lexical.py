@@ -47,7 +47,7 @@ def plot_swap_sensitivity(
     the dashed line is the lexical rule's s_word = ratio x s_image, the dotted lines its minimum sensitivity."""
     pairs = pd.MultiIndex.from_arrays([classified.layer, classified.feature])
     positions = list(dict.fromkeys(classified.position))
-    fig, axes = plt.subplots(1, len(positions), figsize=(5.2 * len(positions), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(positions), figsize=(5.4 * len(positions), 5.2), squeeze=False)
     floor = 1e-3
     ring_styles = [("*", "k", 70), ("o", "#9467bd", 60), ("s", "#8c564b", 50)]
     for ax, position in zip(axes[0], positions, strict=True):
@@ -82,8 +82,8 @@ def plot_swap_sensitivity(
         ax.set_xlabel("object swap: mean |Δz| / mean z")
         ax.set_ylabel("word swap: mean |Δz| / mean z")
         n_silent = int(((classified.position == position) & (classified["class"] == "silent")).sum())
-        ax.set_title(f"{position} ({n_silent} silent features not shown)", fontsize=10)
-        ax.legend(frameon=False, fontsize=7, loc="lower right")
+        ax.set_title(f"{position} ({n_silent} silent features not shown; 0 drawn at {floor:g})", fontsize=10)
+        ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.tight_layout()
     return fig
 
@@ -91,18 +91,23 @@ def plot_swap_sensitivity(
 def plot_emergence(table: pd.DataFrame, threshold: float) -> Figure:
     """Per reference feature: base score for the same relation (x) against its score in the VLM (y), coloured by
     verdict, labelled L{layer}F{feature}; the dotted line is the threshold of both."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
     for verdict, color in VERDICT_COLORS.items():
         t = table[table.verdict == verdict]
         ax.scatter(t.base_score, t.adapted_score, s=30, color=color, label=f"{verdict} ({len(t)})", zorder=3)
-    for r in table.itertuples():
-        ax.annotate(f"L{r.layer}F{r.feature}", (r.base_score, r.adapted_score), fontsize=6, alpha=0.7,
-                    xytext=(3, 2), textcoords="offset points")  # fmt: skip
+    # One label per point drawn: features at the same place share it.
+    names = table.assign(name=[f"L{r.layer}F{r.feature}" for r in table.itertuples()])
+    for _, group in names.groupby([names.base_score.round(2), names.adapted_score.round(2)]):
+        n = list(group.name)
+        label = "\n".join(", ".join(n[i : i + 3]) for i in range(0, len(n), 3))
+        at = (group.base_score.iloc[0], group.adapted_score.iloc[0])
+        ax.annotate(label, at, fontsize=6, alpha=0.8, xytext=(5, 0), textcoords="offset points", va="center")
     ax.axvline(threshold, color="k", ls=":", lw=1)
     ax.axhline(threshold, color="k", ls=":", lw=1)
-    ax.set_xlim(0.45, 1.02)
+    ax.set_xlim(0.45, 1.25)
+    ax.set_ylim(min(threshold, float(table.adapted_score.min()) if len(table) else threshold) - 0.01, 1.005)
     ax.set_xlabel("base SAE on the base LM, caption in words (same feature, same relation)")
     ax.set_ylabel("adapted SAE on the VLM (relation score)")
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.legend(frameon=False, fontsize=8, loc="center right")
     fig.tight_layout()
     return fig
