@@ -1,10 +1,11 @@
 """The referee's checks of the attribution itself (issue 17, item 6), beside the head sweep
 (lib/kernels/head_sweep.py):
 
-1. The counterfactual corruption: the two objects a relation question names exchange cells (`swap_named`), so the
-   corrupted run differs from the clean one only in *where* the named objects are, not in whether there is an
-   image. `attribution_by_corruption` runs the paper's attribution patching with it beside the mean image on the
-   same items (`lib.kernels.attribution.attribute` takes the per-sample (b, n, d) swapped image embeddings as its
+1. The counterfactual corruption: the two objects a relation question names exchange cells
+   (`lib.kernels.counterfactual.object_twin`: each keeps its size and its offset inside its cell), so the corrupted
+   run differs from the clean one only in *where* the named objects are, not in whether there is an image.
+   `attribution_by_corruption` runs the paper's attribution patching with it beside the mean image on the same
+   items (`lib.kernels.attribution.attribute` takes the per-sample (b, n, d) swapped image embeddings as its
    corrupted embedding).
 2. Sufficiency (`sufficiency`): one head's hook_z patched from the swapped run into the clean run, and how often
    the yes/no answer flips to the swapped run's answer.
@@ -12,10 +13,9 @@
    of very different magnitudes do not make the correlation for each other.
 
 Choices this module makes (the book states them):
-- Swapping keeps each object's size and its offset inside its cell (the boxes move by whole cells), so the only
-  change is which object is where. Every relation between the two named objects reverses, so the asked relation's
-  truth flips unless the two objects share the row or column the relation reads (then it is false both ways);
-  `answer_flips` says which, and the chapters use the items whose answer flips.
+- The swap changes only which object is where. Every relation between the two named objects reverses, so the asked
+  relation's truth flips unless the two objects share the row or column the relation reads (then it is false both
+  ways); `answer_flips` says which, and the attribution uses the items whose answer flips.
 - Sufficiency patches the head at the post-image positions (the question and the answer position: where the head
   would carry the relation to the answer) by default; "all" also patches the image and prompt positions.
   The flip rate is over the items the model answers differently on the clean and the swapped scene (otherwise there
@@ -27,7 +27,6 @@ Shape key: b items in a batch, s positions, n image tokens, d model width, f fea
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
@@ -48,47 +47,17 @@ from lib.kernels.adapter import (
     z_name,
 )
 from lib.kernels.attribution import Feature, Head, attribute
+from lib.kernels.counterfactual import object_twin
 from lib.sources import world as W
-
-# ---------------------------------------------------------------------------------------------------------------
-# 1. The object swap
-
-
-def swap_named(scene: W.Scene, a: str, b: str) -> W.Scene:
-    """The scene with the objects of shapes `a` and `b` in each other's cells (each keeps its size and its offset
-    inside the cell); objects stay in raster order of their cells."""
-    oa, ob = scene.by_shape(a), scene.by_shape(b)
-    px = scene.cell_px
-
-    def moved(o: W.Obj, to: W.Obj) -> W.Obj:
-        dx, dy = (to.col - o.col) * px, (to.row - o.row) * px
-        x0, y0, x1, y1 = o.box
-        return dataclasses.replace(o, row=to.row, col=to.col, box=(x0 + dx, y0 + dy, x1 + dx, y1 + dy))
-
-    objs = [moved(oa, ob) if o is oa else moved(ob, oa) if o is ob else o for o in scene.objects]
-    return W.Scene(tuple(sorted(objs, key=lambda o: (o.row, o.col))), px)
-
-
-def swapped_sample(sample: W.Sample) -> W.Sample:
-    """The sample on its swapped scene, its answer recomputed from the swapped scene's ground truth."""
-    assert sample.relation and sample.subject and sample.obj, f"sample {sample.index} names no two objects"
-    scene = swap_named(sample.scene, sample.subject, sample.obj)
-    if sample.answer in ("yes", "no"):
-        truth = W.holds(scene.by_shape(sample.subject), scene.by_shape(sample.obj), sample.relation)
-        answer = "yes" if truth else "no"
-    else:  # what_rel: not a yes/no question; the swapped scene changes which object it names
-        hits = [a for (a, r, b) in scene.relations if r == sample.relation and b == sample.obj]
-        answer = hits[0] if len(hits) == 1 else ""
-    return dataclasses.replace(sample, scene=scene, answer=answer)
 
 
 def answer_flips(sample: W.Sample) -> bool:
-    """Whether the ground-truth answer changes under the swap."""
-    return swapped_sample(sample).answer != sample.answer
+    """Whether the ground-truth answer changes when the two named objects exchange cells."""
+    return object_twin(sample).answer != sample.answer
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1b. Attribution with the swap as the corrupted run
+# 1. Attribution with the swap as the corrupted run
 
 
 def attribution_by_corruption(

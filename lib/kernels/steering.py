@@ -228,8 +228,8 @@ def steer_features(
         layer, f = int(r.layer), int(r.feature)
         post_t, last_t = acts[(layer, f)]
         of_rel = relation_i == r.best_relation
-        yes_mean, no_mean = last_t.numpy()[of_rel & holds_i].mean(), last_t.numpy()[of_rel & ~holds_i].mean()
-        sign = 1.0 if yes_mean >= no_mean else -1.0
+        holds, fails = last_t.numpy()[of_rel & holds_i], last_t.numpy()[of_rel & ~holds_i]
+        sign = -1.0 if len(holds) and len(fails) and holds.mean() < fails.mean() else 1.0  # +1 without both
         w_dec_d = saes[layer].W_dec[f].detach().float()
         active = float(mean_active(post_t[:, None])[0])
         unit_d = w_dec_d / w_dec_d.norm()

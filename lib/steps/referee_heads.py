@@ -172,6 +172,7 @@ def head_sufficiency(ctx) -> Sufficiency | None:
     the counterfactual relation questions (lib.kernels.head_checks.sufficiency), and the swap's answer check."""
     from lib.kernels import head_checks as HC
     from lib.kernels.causal import single_token_id
+    from lib.kernels.counterfactual import object_twin
 
     D = ctx.data
     if D.samples is None:
@@ -180,7 +181,7 @@ def head_sufficiency(ctx) -> Sufficiency | None:
 
     def build(out):
         clean = D.counterfactual
-        swapped = [HC.swapped_sample(s) for s in clean]
+        swapped = [object_twin(s) for s in clean]
         yes, no = (single_token_id(vlm.tokenizer, w) for w in ("yes", "no"))
         table, check = HC.sufficiency(vlm, clean, swapped, _all_heads(vlm), yes, no)
         save_table(out / "sufficiency.parquet", table)
@@ -206,6 +207,7 @@ def head_counterfactual(ctx) -> pd.DataFrame | None:
     counterfactual questions whose answer the swap flips, with two corrupted runs: the mean image and the swapped
     scene. Long table: feature, feature_layer, layer, head, corruption, score (the head-scores layout)."""
     from lib.kernels import head_checks as HC
+    from lib.kernels.counterfactual import object_twin
 
     P, D = ctx.P, ctx.data
     if D.samples is None:
@@ -214,8 +216,14 @@ def head_counterfactual(ctx) -> pd.DataFrame | None:
     feats = features_of(adapted, P.diffing.variant, attributed_features(ctx.up("selection").table).table)
 
     def build(out):
-        pairs = [(s, HC.swapped_sample(s)) for s in D.counterfactual]
+        pairs = [(s, object_twin(s)) for s in D.counterfactual]
         pairs = [(c, s) for c, s in pairs if s.answer != c.answer][: P.attribution.n_samples]
+        if not pairs:  # no question whose answer the swap flips (a tiny split): nothing to attribute
+            save_table(
+                out / "scores.parquet",
+                pd.DataFrame(columns=["feature", "feature_layer", "layer", "head", "corruption", "score"]),
+            )
+            return
         mean_d = mean_image(vlm, D.heldout, P.attribution.batch_size)
         scores = HC.attribution_by_corruption(
             vlm, [c for c, _ in pairs], [s for _, s in pairs], feats, mean_d, batch_size=4 * P.attribution.batch_size
