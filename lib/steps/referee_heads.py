@@ -66,7 +66,7 @@ def _all_heads(vlm) -> list[tuple[int, int]]:
 @step("head-sweep", after=("models",), reads=(*data_reads("sweep", "heldout"), "threads"))
 def head_sweep(ctx) -> HeadSweep | None:
     """Every head mean-ablated alone (position-matched means of the held-out split, BOS never patched) on every
-    question type of the sweep split, and the same with the all-position mean on the first third."""
+    question type of the sweep split; on its first third, also with the all-position mean (the comparison)."""
     from lib.kernels import head_sweep as HS
 
     D = ctx.data
@@ -82,7 +82,7 @@ def head_sweep(ctx) -> HeadSweep | None:
         heads = _all_heads(vlm)
         table = HS.head_sweep(model, items, means, heads)
         third = HS.encode_items(model, tok, D.sweep[: len(D.sweep) // SET_SHARE])
-        glob = HS.head_sweep(model, third, means, heads, ablations=("global",)).assign(subset="first third")
+        glob = HS.head_sweep(model, third, means, heads, ablations=("matched", "global")).assign(subset="first third")
         save_table(out / "sweep.parquet", pd.concat([table.assign(subset="all"), glob], ignore_index=True))
         info = dict(
             n_items=len(items),
@@ -97,14 +97,15 @@ def head_sweep(ctx) -> HeadSweep | None:
     return HeadSweep(load_table(art / "sweep.parquet"), load_json(art / "info.json"))
 
 
-def sweep_costs(sweep: HeadSweep, ablation: str = "matched") -> pd.DataFrame:
-    """lib.kernels.head_sweep.head_costs of one ablation, on the items it ran on (matched: all; global: the first
-    third, against the clean run on the same third)."""
+def sweep_costs(sweep: HeadSweep, ablation: str = "matched", subset: str = "all") -> pd.DataFrame:
+    """lib.kernels.head_sweep.head_costs of one ablation on one subset of items ("all": matched means only; "first
+    third": matched and all-position means, each against the clean run on the same items)."""
     from lib.kernels import head_sweep as HS
 
     t = sweep.table
-    subset = "all" if ablation == "matched" else "first third"
-    return HS.head_costs(t[(t.subset == subset) & t.ablation.isin(["none", ablation])], ablation)
+    rows = t[(t.subset == subset) & t.ablation.isin(["none", ablation])]
+    assert (rows.ablation == ablation).any(), f"no {ablation!r} ablation on the {subset!r} items"
+    return HS.head_costs(rows, ablation)
 
 
 class HeadSets(NamedTuple):
@@ -308,3 +309,67 @@ def steering(ctx) -> Steering | None:
 
     art = ctx.cached(build)
     return Steering(load_table(art / "flips.parquet"), load_table(art / "features.parquet"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Read-outs for the chapter (tables in, tables out)
+
+# Issue 17's goal for the best head: at least this many points of accuracy lost on the spatial types, at most this
+# many on the control types.
+ABLATION_GOAL = (20.0, 2.0)
+
+
+def corruption_ranking(scores: pd.DataFrame, n_layers: int, n_heads: int, top_k: int) -> pd.DataFrame:
+    """Per head: the null-corrected attribution under each corruption of `head-counterfactual` (one column each)
+    and its rank under each (rank_<corruption>)."""
+    cols = []
+    for corruption, g in scores.groupby("corruption", sort=False):
+        t = null_ranking(g.rename(columns={"score": "attr_clean"}), n_layers, n_heads, top_k).table
+        t = t.set_index(["layer", "head"])
+        cols += [t.corrected.rename(corruption), t.rank_corrected.rename(f"rank_{corruption}")]
+    return pd.concat(cols, axis=1).reset_index().sort_values(["layer", "head"]).reset_index(drop=True)
+
+
+def set_placement(sets: HeadSets) -> pd.DataFrame:
+    """The paper's and the null-corrected top-k sets: their costs, and their rank and percentile among the random
+    sets of the control (spatial and control cost)."""
+    from lib.kernels.head_sweep import place
+
+    t, draws = sets.table, sets.table[sets.table.draw]
+    rows = []
+    for flag, name in (("paper_top", "paper's top k"), ("null_top", "null-corrected top k")):
+        for r in t[t[flag]].itertuples():
+            row = dict(set=name, heads=r.heads, n_draws=len(draws))
+            for group in ("spatial", "control"):
+                value = getattr(r, f"{group}_accuracy_cost")
+                p = place(value, getattr(draws, f"{group}_accuracy_cost"))
+                row.update({f"{group}_cost": value, f"{group}_rank": p.rank, f"{group}_percentile": p.percentile})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def steering_summary(steer: Steering, subset: str = "all relations") -> pd.DataFrame:
+    """Per steered feature and scale: the share of clean-"no" answers the + push turns to yes and of clean-"yes"
+    answers the - push turns to no, both pushes' flip rates over all items, and the random directions' flip rate
+    (mean and max over directions; same norm)."""
+    f = steer.flips[steer.flips.subset == subset]
+    rows = []
+    for (name, scale), g in f.groupby(["feature", "scale"], sort=False):
+        feat = g[g.kind == "feature"].set_index("vector")
+        rand = g[g.kind == "random"].flip_rate
+        plus, minus = feat.loc["+ (toward yes)"], feat.loc["- (toward no)"]
+        rows.append(
+            dict(
+                feature=name,
+                scale=scale,
+                norm=float(g.norm.iloc[0]),
+                plus_to_yes=plus.to_yes,
+                minus_to_no=minus.to_no,
+                plus_flip_rate=plus.flip_rate,
+                minus_flip_rate=minus.flip_rate,
+                random_mean=float(rand.mean()),
+                random_max=float(rand.max()),
+                n=int(plus.n),
+            )
+        )
+    return pd.DataFrame(rows)
