@@ -82,7 +82,7 @@ def plot_sweep_heatmap(sweep: pd.DataFrame, column: str = "accuracy") -> Figure:
     im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-span, vmax=span)
     for (i, j), v in np.ndenumerate(grid.to_numpy()):
         if abs(v) >= 0.5:
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if abs(v) > 0.6 * span else "k")
     ax.set_xticks(range(grid.shape[1]), [f"{q}\n({families[q]})" for q in grid.columns], fontsize=7, rotation=45)
     ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=8)
     fam = [families[q] for q in grid.columns]
@@ -113,7 +113,7 @@ def plot_cost_scatter(
         ax.fill_between([lo, goal[1]], goal[0], hi, color="#2ca02c", alpha=0.12, lw=0, label="goal")
     ax.scatter(x, y, s=28, color=OTHER, zorder=2)
     top = {tuple(map(int, h)) for h in paper_top}
-    for r in costs.itertuples():
+    for i, r in enumerate(costs.itertuples()):
         head = (int(r.layer), int(r.head))
         if max(r.spatial_accuracy_cost, r.control_accuracy_cost) < 3 and head not in top:
             continue  # the crowd near the origin stays unlabelled
@@ -121,7 +121,7 @@ def plot_cost_scatter(
             _name(*head),
             (r.control_accuracy_cost, r.spatial_accuracy_cost),
             fontsize=7,
-            xytext=(3, 3),
+            xytext=(4, 3 if i % 2 == 0 else -9),
             textcoords="offset points",
         )
         if head in top:
