@@ -38,8 +38,10 @@ def test_uniform_null_equals_the_closed_form():
         above = [L for L in layers_f if L > l]
         expect = np.mean([1 / (L * 4) for L in above]) if above else np.nan
         np.testing.assert_allclose(null[l].numpy(), expect, rtol=1e-12)
-    # The review's numbers: one feature per layer 1..3 gives 0.153 at layer 0 and 1/12 at layer 2.
-    np.testing.assert_allclose(HS.uniform_null([3], 4, 4)[2, 0].item(), 1 / 12)
+    # The review's numbers: the organism's 33 features (14 at layer 1, 14 at layer 2, 5 at layer 3) spread uniformly
+    # give 0.172 per head at layer 0 and 1 / 12 = 0.083 at layer 2.
+    organism = HS.uniform_null([1] * 14 + [2] * 14 + [3] * 5, 4, 4)
+    assert round(organism[0, 0].item(), 3) == 0.172 and round(organism[2, 0].item(), 3) == 0.083
 
 
 def test_null_correction_puts_a_planted_deep_head_first():
