@@ -11,9 +11,12 @@
 #     name: python3
 #   book_requires: [world]
 #   book_outputs:
-#     figures: [probes, reference_set, referee, prompt_spread, swap_sensitivity, emergence]
+#     figures: [probes, reference_set, referee, prompt_spread, swap_sensitivity, emergence, null_correction,
+#       head_sweep, head_costs, head_sets, sufficiency, steering]
 #     tables: [probes, reference_per_layer, referee, reference_dropped_by, lexical_prompts, prompt_spread,
-#       counterfactual_pairs, counterfactual_classes, lexical_against_reference, emergence]
+#       counterfactual_pairs, counterfactual_classes, lexical_against_reference, emergence, null_ranking, head_sweep,
+#       head_costs, head_sets, head_set_placement, attribution_by_corruption, sufficiency, spearman_per_feature,
+#       steering, steering_best_relation]
 # ---
 
 # %% [markdown]
@@ -45,11 +48,15 @@ profile = "default"
 import pandas as pd
 
 from lib.figures import referee as FR
+from lib.figures import referee_heads as FH
 from lib.figures import referee_lexical as FL
 from lib.io.outputs import Outputs
 from lib.kernels import counterfactual as CF
+from lib.kernels import head_checks as HC
 from lib.kernels import truth as T
 from lib.sources import world as W
+from lib.steps import heads as HD
+from lib.steps import referee_heads as RH
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
@@ -284,8 +291,8 @@ print(
 # %%
 em = S.run("emergence")
 out.table(em, "emergence")
+out.figure(FL.plot_emergence(em, P.referee.min_auroc), "emergence")
 if len(em):
-    out.figure(FL.plot_emergence(em, P.referee.min_auroc), "emergence")
     new = em[em.verdict == "new"]
     print(
         f"{len(em)} reference features: {int((em.verdict == 'reused').sum())} reused, {len(new)} new; of the new, "
@@ -306,6 +313,217 @@ else:
 # A reused feature's base twin already separates true from false for the same relation when the layout comes in
 # words; a new one is silent or at chance there. The verdict is per index: a "new" feature's relation may still be
 # carried by other base features, which this comparison does not look for.
+
+# %% [markdown]
+# ## The heads, refereed
+#
+# Chapter 6 ranked heads with the paper's aggregation and checked the top k by ablation. Five links of that chain
+# can be checked against the organism's ground truth:
+#
+# * **Depth bias of the aggregation.** Each feature's head scores are normalised to unit mass over the heads below
+#   its layer, and each head is divided by the number of features above it. A feature that spreads its mass
+#   uniformly therefore gives 1 / (L_f × heads) to every head below it, and shallow heads, below every feature,
+#   score more for that alone. The *uniform-spread null* is what each head would get from such features; a head's
+#   corrected score is its aggregate over that null (1 = no preference). A ratio rather than a z-score: under the
+#   null the aggregate is one number, with no spread to divide by.
+# * **What each head does, head by head.** Every head mean-ablated alone on held-out questions of every type,
+#   accuracy (every answer token argmax-correct under teacher forcing) and P(correct) per type. The mean is taken
+#   over held-out questions of the same template (type and length) *at the same position*, BOS never patched: the
+#   all-position mean puts at the answer position a vector the head never writes there, which costs every type
+#   alike (shown below for comparison, on the first third of the items).
+# * **The random control as a distribution.** With k = `attribution.top_k` heads in a four-head layer, chapter 6's
+#   random control was the complementary pair of the same layer, one condition drawn several times. Here: every
+#   k-set of heads from the layers the attribution scores (or `referee.n_head_draws` random ones, if there are
+#   more), each ablated together, and the paper's top-k set and the null-corrected top-k set placed in that
+#   distribution (first third of the sweep's items).
+# * **The corruption.** The mean image removes all image content, so it credits any head that reads the image at
+#   all. The organism allows a spatial counterfactual: the two named objects exchange cells, so only *where* they
+#   are changes. Attribution with that corruption beside the mean image on the same questions; and sufficiency: one
+#   head's output patched from the swapped run into the clean run (at the post-image positions), and how often the
+#   answer flips to the swapped scene's.
+# * **Validation, per feature.** Chapter 6's Spearman correlation between attribution and exhaustive patching is
+#   pooled over (feature, head) pairs of very different magnitudes; here it is computed within each feature.
+
+# %%
+vlm = S.vlm
+n_layers, n_heads, k = vlm.n_layers, vlm.n_heads, P.attribution.top_k
+paper_heads = HD.head_ranking(S.head_scores.table, n_layers, n_heads, k)
+null = RH.null_ranking(S.head_scores.table, n_layers, n_heads, k)
+out.table(null.table, "null_ranking")
+out.figure(FH.plot_null_correction(null.table, n_layers, n_heads), "null_correction")
+heads_str = lambda hs: ", ".join(f"L{l}H{h}" for l, h in hs)  # noqa: E731
+print(
+    f"paper's top {len(paper_heads.top)}: {heads_str(paper_heads.top)}; null-corrected top {len(null.top)}: "
+    f"{heads_str(null.top)}"
+)
+print(null.table.head(5).round(3).to_string(index=False))
+
+# %% [markdown]
+# Left: the paper's aggregate; middle: what uniformly spread features would give each head (it falls with depth);
+# right: their ratio. The printed table ranks heads by the ratio, with each head's rank under the raw aggregate.
+
+# %%
+sweep = S.run("head-sweep")
+costs = RH.sweep_costs(sweep)  # matched means, all sweep items; points of accuracy and of P(correct)
+out.table(sweep.table, "head_sweep")
+out.table(costs, "head_costs")
+all_items = sweep.table[sweep.table.subset == "all"]
+out.figure(FH.plot_sweep_heatmap(all_items), "head_sweep")
+out.figure(FH.plot_cost_scatter(costs, paper_heads.top, null.top[0], goal=RH.ABLATION_GOAL), "head_costs")
+by_head = costs.set_index(["layer", "head"])
+largest = costs.iloc[0]  # the largest spatial cost
+nb = by_head.loc[null.top[0]]
+goal_spatial, goal_control = RH.ABLATION_GOAL
+print(
+    f"{sweep.info['n_items']} items, {len(sweep.info['templates'])} templates in the means "
+    f"({sweep.info['n_reference']} held-out items), {sweep.info['n_fallback']} items on the all-position mean"
+)
+for label, (l, h), r in (
+    ("largest spatial cost", (int(largest.layer), int(largest["head"])), largest),
+    ("null-corrected best", null.top[0], nb),
+):
+    met = r.spatial_accuracy_cost >= goal_spatial and r.control_accuracy_cost <= goal_control
+    print(
+        f"{label}: L{l}H{h} costs {r.spatial_accuracy_cost:.1f} points on the spatial types and "
+        f"{r.control_accuracy_cost:.1f} on the control types (goal >= {goal_spatial:.0f} against <= "
+        f"{goal_control:.0f}: {'met' if met else 'not met'}); rank {int(r['rank'])} of {len(costs)} heads by spatial "
+        f"cost (percentile {r.percentile:.2f}), rank {int(r.rank_specific)} by spatial minus control cost"
+    )
+for l, h in paper_heads.top:
+    r = by_head.loc[(l, h)]
+    print(
+        f"paper's top head L{l}H{h}: spatial {r.spatial_accuracy_cost:.1f}, control {r.control_accuracy_cost:.1f} "
+        f"points; rank {int(r['rank'])} by spatial cost"
+    )
+third = {a: RH.sweep_costs(sweep, a, "first third").set_index(["layer", "head"]) for a in ("matched", "global")}
+print(
+    "on the first third, mean control cost per head: "
+    + ", ".join(f"{a} means {c.control_accuracy_cost.mean():.1f}" for a, c in third.items())
+    + "; spatial: "
+    + ", ".join(f"{a} {c.spatial_accuracy_cost.mean():.1f}" for a, c in third.items())
+    + " points; heads costing the control types 5+ points more under the all-position mean: "
+    + heads_str(
+        [
+            hd
+            for hd in third["global"].index
+            if third["global"].control_accuracy_cost[hd] - third["matched"].control_accuracy_cost[hd] >= 5
+        ]
+    )
+)
+
+# %% [markdown]
+# The heatmap gives each head's cost on each question type (clean accuracy minus accuracy with the head ablated,
+# in points; lookup types on the left, then absolute and relational). The scatter places every head by its cost on
+# the spatial types (y) against the control types (x); the shaded corner is the issue's goal, red rings mark the
+# paper's top k and the blue star the null-corrected best head.
+
+# %%
+sets = S.run("head-sets")
+placement = RH.set_placement(sets)
+out.table(sets.table, "head_sets")
+out.table(placement, "head_set_placement")
+out.figure(FH.plot_set_distribution(sets.table, sets.info["k"]), "head_sets")
+d = sets.table[sets.table.draw]
+print(
+    f"{sets.info['n_sets']} {'(every one)' if sets.info['exhaustive'] else 'random'} {sets.info['k']}-head sets of "
+    f"{len(sets.info['eligible'])} heads ({', '.join(sets.info['eligible'])}), on {sets.info['n_items']} items: "
+    f"spatial cost median {d.spatial_accuracy_cost.median():.1f} (5-95%: {d.spatial_accuracy_cost.quantile(0.05):.1f}-"
+    f"{d.spatial_accuracy_cost.quantile(0.95):.1f}), control cost median {d.control_accuracy_cost.median():.1f} "
+    f"(5-95%: {d.control_accuracy_cost.quantile(0.05):.1f}-{d.control_accuracy_cost.quantile(0.95):.1f}) points"
+)
+for r in placement.itertuples():
+    print(
+        f"{r.set} {r.heads}: spatial {r.spatial_cost:.1f} points (rank {r.spatial_rank} of {r.n_draws}, percentile "
+        f"{r.spatial_percentile:.2f}), control {r.control_cost:.1f} (rank {r.control_rank}, percentile "
+        f"{r.control_percentile:.2f})"
+    )
+
+# %% [markdown]
+# A top-k set that matters *for space* sits high in the spatial distribution and low in the control one; a set that
+# only breaks image reading sits high in both.
+
+# %%
+by_corruption = RH.corruption_ranking(S.run("head-counterfactual"), n_layers, n_heads, k)
+suff = S.run("head-sufficiency")
+out.table(by_corruption, "attribution_by_corruption")
+out.table(suff.table, "sufficiency")
+out.figure(FH.plot_sufficiency(suff.table, by_corruption[["layer", "head", "mean image", "swap"]]), "sufficiency")
+flips = HC.flip_check(suff.check)
+for corruption in ("mean image", "swap"):
+    top3 = by_corruption.sort_values(corruption, ascending=False).head(3)
+    print(
+        f"top heads by attribution / null, {corruption}: "
+        + ", ".join(f"L{int(r.layer)}H{int(r['head'])} ({r[corruption]:.2f})" for _, r in top3.iterrows())
+    )
+print(
+    f"the swap flips the true answer of {flips['truth_flip_share']:.0%} of {flips['n']} questions; the model's answer "
+    f"flips on {flips['model_flip_rate_where_truth_flips']:.0%} of those and on "
+    f"{flips['model_flip_rate_where_truth_stays']:.0%} of the others (correct: {flips['model_correct_clean']:.0%} "
+    f"clean, {flips['model_correct_swapped']:.0%} swapped)"
+)
+s_top = suff.table.sort_values("flip_rate", ascending=False).head(4)
+print(
+    "patching one head from the swapped run flips the answer: "
+    + ", ".join(f"L{int(r.layer)}H{int(r['head'])} {r.flip_rate:.0%}" for _, r in s_top.iterrows())
+    + f" (of the {int(s_top.n.iloc[0])} questions the model answers differently on the swapped scene)"
+)
+
+# %% [markdown]
+# Left: per head, the share of answers that flip to the swapped scene's answer when only that head's output (at
+# the question and answer positions) comes from the swapped run. Right: the attribution to each head over its
+# uniform-spread null under each corruption, on the same questions.
+
+# %%
+per_feature = HC.within_feature_spearman(S.head_scores.table)
+spearman = HC.spearman_summary(per_feature)
+out.table(per_feature, "spearman_per_feature")
+pooled = S.head_scores.table[["attr_clean", "exhaustive"]].corr("spearman").iloc[0, 1]
+by_layer = per_feature.groupby("feature_layer").spearman.median()
+print(
+    f"Spearman rho, attribution vs exhaustive patching within each of {spearman['n_features']} features: median "
+    f"{spearman['median']:.3f}, range {spearman['min']:.3f} to {spearman['max']:.3f} (pooled over pairs: "
+    f"{pooled:.3f}); median by feature layer: "
+    + ", ".join(f"L{int(l)} {v:.3f}" for l, v in by_layer.items())
+    + f" (a layer-1 feature ranks only {n_heads} heads)"
+)
+
+# %% [markdown]
+# ## Steering (beyond the paper)
+#
+# If the model *uses* a reference feature, adding its decoder direction after its layer should move the answer, and
+# random directions of the same norm should not. For the best reference feature of each layer (highest relation
+# score; ties by truth score), on the counterfactual relation questions (held out from the questions that chose
+# it): ± scale × its mean activation when active × its unit decoder direction, added at the post-image positions,
+# the sign chosen so that + pushes toward "yes"; `referee.n_steer_random` random directions at each norm. The norm
+# runs over multiples of `referee.steer_scale` (`lib.steps.referee_heads.STEER_MULTIPLES`): at one scale alone a
+# dose-response would stay hidden.
+
+# %%
+steer = S.run("steering")
+st_all = RH.steering_summary(steer, "all relations")
+st_rel = RH.steering_summary(steer, "best relation")
+out.table(steer.flips, "steering")
+out.figure(FH.plot_steering(steer.flips, "all relations"), "steering")
+best_name = steer.features[steer.features.best].name.iloc[0]
+for name, r in steer.features.set_index("name").iterrows():
+    print(
+        f"{name}{' (best)' if r.best else ''}: relation score {r.relation_score:.3f} for {r.best_relation!r}, "
+        f"reference {bool(r.reference)}, sign {r.sign:+.0f}, mean activation when active {r.mean_active:.1f}"
+    )
+out.table(st_rel, "steering_best_relation")  # the same read-out on the questions of each feature's best relation
+for r in st_all.itertuples():
+    print(
+        f"{r.feature}{' (best)' if r.feature == best_name else ''} x{r.scale:g}, {r.n} questions: + turns "
+        f"{r.plus_to_yes:.0%} of the no's to yes, - turns {r.minus_to_no:.0%} of the yes's to no (flip rates "
+        f"{r.plus_flip_rate:.0%} / {r.minus_flip_rate:.0%}); random directions of the same norm flip "
+        f"{r.random_mean:.1%} on average, {r.random_max:.1%} at most"
+    )
+
+# %% [markdown]
+# A push in one direction can flip only the answers that were the other way (about half), so the feature's flip
+# rate over all questions tops out near 50%; the random directions' rate is the same statistic. The feature moves
+# the answer where random directions of the same norm do not only if its curve rises above the grey lines (one per
+# random direction; the thick one is their mean).
 
 # %% tags=["remove-input"]
 S.report()

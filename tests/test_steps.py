@@ -105,7 +105,7 @@ def test_a_larger_census_rekeys_the_census_alone_and_thresholds_only_what_reads_
     assert "base-saes" not in diff(sae={"sweep_k": (4,)})
     assert diff(probing={"min_auroc": 0.8}) == set()  # read by a chapter's computation, by no cached step
     assert "head-scores" not in diff(attribution={"top_k": 3})
-    assert diff(attribution={"top_k": 3}) == {"causal-checks"}
+    assert diff(attribution={"top_k": 3}) == {"causal-checks", "head-sets"}
 
 
 def test_the_committed_organism_resolves_under_the_default_profile():
