@@ -22,7 +22,7 @@ def _other_values(value):
         return [value * 1.5, value / 2, value + 0.1, value - 0.1, 0.5]
     if isinstance(value, str):
         # Named choices first (paper.format, paper.base_saes, the prompts' format strings), then generic edits.
-        choices = ["hf-llava", "qwen2-vl", "train", "{image} {question}", "{caption} {question}"]
+        choices = ["hf-llava", "qwen2-vl", "train", "release", "{image} {question}", "{caption} {question}"]
         return [
             *choices,
             "image",
