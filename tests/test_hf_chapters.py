@@ -72,20 +72,12 @@ def test_only_the_organism_chapters_do_not_apply(profiles):
         assert skipped == ["01_world", "02_models"]
 
 
-# Chapter 6 patches every head at every post-image position (exhaustive patching, the validation of attribution):
-# 63 s (LLaVA) and 94 s (Qwen2-VL) on 2 shared cores, so it runs with `-m slow`. Its Qwen2-VL-specific parts (the
-# attention read-out under M-RoPE, each image on its own grid) are also in tests/test_hf_models.py, and the chapter
-# runs on the LLaVA class in every test run under tests/test_paper_chapters.py.
-SLOW = {"06_attribution"}
-RUNS = [
-    pytest.param(m, c, id=f"{m}-{c.stem}", marks=[pytest.mark.slow] if c.stem in SLOW else [])
-    for m in MODELS
-    for c in CHAPTERS
-    if c.stem not in ("01_world", "02_models")
-]
+# Each run takes 12-40 s on 2 shared cores (chapter 6, which patches every head at every post-image position, the
+# longest: 17 s LLaVA, 40 s Qwen2-VL), so none is marked slow.
+RUNS = [(m, c) for m in MODELS for c in CHAPTERS if c.stem not in ("01_world", "02_models")]
 
 
-@pytest.mark.parametrize(("model", "chapter"), RUNS)
+@pytest.mark.parametrize(("model", "chapter"), RUNS, ids=[f"{m}-{c.stem}" for m, c in RUNS])
 def test_chapter_runs_on_tiny_hf_vlm(model, chapter, profiles, fresh_cache, tmp_path, repo_untouched):
     """As tests/test_paper_chapters.py: notebook, outputs root and cache are temporary, and the tree untouched."""
     chapter = chapter._replace(notebook=tmp_path / f"{chapter.stem}.ipynb")
