@@ -263,15 +263,15 @@ def models(ctx):
     from lib.kernels.adapter import VLM
 
     P = ctx.P
+    # Every later step runs on the profile's thread count, including steps whose cached inputs were reused (torch's
+    # default of one thread per core spins when another process holds a core: a feature table took 356 s instead of
+    # 4.5 s that way, and chapter 6 on the tiny Hugging Face fakes 107 s instead of 17 s).
+    torch.set_num_threads(P.threads)
     if P.paper is not None:
         return VLM(**paper_parts(P.paper))
     from lib.sources import organism as O
     from lib.sources.tokenizer import BOS, IMAGE
 
-    # Every later step runs the organism on the profile's thread count, including steps whose cached inputs were
-    # reused (torch's default of one thread per core spins when another process holds a core: a feature table took
-    # 356 s instead of 4.5 s that way).
-    torch.set_num_threads(P.threads)
     m = ctx.up("organism")
     return VLM(
         model=m.vlm,
