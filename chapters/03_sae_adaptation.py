@@ -89,13 +89,20 @@ if sweep is not None:
         f"{len(D.text)} pairs: dead {base.report.dead_frac.max():.1%} at most, FVU "
         f"{base.report.fvu.min():.3f}-{base.report.fvu.max():.3f} over layers"
     )
+elif base.report is not None:  # a [paper] section with base_saes = "train": trained here on the LLM's text
+    out.table(base.report, "base_saes")
+    print(
+        f"base SAEs trained on {len(D.text)} (caption, question) pairs of the LLM's text stream: width "
+        f"{P.sae.expansion * vlm.d_model}, k {P.sae.k}; FVU {base.report.fvu.min():.3f}-{base.report.fvu.max():.3f}"
+        f" over layers, dead {base.report.dead_frac.max():.1%} at most"
+    )
 else:
     first = base.saes[layers[0]].cfg
     out.table(
         pd.DataFrame([dict(layer=layer, d_sae=base.saes[layer].cfg.d_sae, k=P.paper.topk) for layer in layers]),
         "base_saes",
     )
-    print(f"Llama Scope {P.paper.sae_release}: width {first.d_sae}, rebuilt as TopK k = {P.paper.topk}")
+    print(f"SAELens release {P.paper.sae_release}: width {first.d_sae}, rebuilt as TopK k = {P.paper.topk}")
 
 # %% [markdown]
 # Reading the sweep (numbers printed above, mean over layers): the printed lines give how far the profile's choice

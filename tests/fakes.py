@@ -457,3 +457,30 @@ def write_coco_captions(path: Path, image_ids: list[int]) -> Path:
     images = [{"id": int(i), "file_name": f"COCO_val2014_{int(i):012d}.jpg"} for i in image_ids]
     Path(path).write_text(json.dumps({"images": images, "annotations": anns}))
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profiles
+
+
+def toml_text(sections: dict) -> str:
+    """A profile file's text from {key: value or {field: value}} (the subset of TOML profiles use)."""
+
+    def value(v):
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for key, v in sections.items():
+        if not isinstance(v, dict):
+            lines.append(f"{key} = {value(v)}")
+    for key, v in sections.items():
+        if isinstance(v, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {value(x)}" for k, x in v.items()]
+    return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ def hf_hidden_states(vlm, batch):
     with torch.no_grad():
         return vlm.model(
             input_ids=batch.input_ids_bs,
-            pixel_values=batch.pixel_values_bcyx,
+            pixel_values=batch.pixels.values,
             attention_mask=batch.attention_mask_bs.long(),
             output_hidden_states=True,
         ).hidden_states
@@ -185,7 +185,7 @@ def test_patching_replaces_exactly_one_head(vlm, samples, batch):
 
 
 def test_image_corruption_changes_only_from_the_image_span_on(vlm, batch):
-    mean_d = A.image_embeddings(vlm, batch.pixel_values_bcyx).mean((0, 1))
+    mean_d = A.image_embeddings(vlm, batch.pixels).mean(0)
     assert mean_d.shape == (vlm.d_model,)
     clean = A.resid_stream(vlm, batch)
     with A.replace_image_embeddings(vlm, mean_d):
@@ -218,7 +218,7 @@ def test_project_out_removes_direction(vlm, batch):
 
 def test_text_only_stream(vlm, samples):
     tb = A.prepare_text(vlm, [s.scene.caption() for s in samples], [s.question for s in samples])
-    assert tb.pixel_values_bcyx is None and not tb.image_mask_bs.any() and not tb.post_image_bs.any()
+    assert tb.pixels is None and not tb.image_mask_bs.any() and not tb.post_image_bs.any()
     words = vlm.tokenizer.convert_ids_to_tokens(tb.input_ids_bs[0, : int(tb.lengths_b[0])])
     assert " ".join(words) == "<bos> " + world.lm_prompt(samples[0].scene.caption(), samples[0].question)
     resid = A.resid_stream(vlm, tb)
@@ -236,7 +236,7 @@ def test_next_token_logits(vlm, batch):
     with torch.no_grad():
         full = vlm.model(
             input_ids=batch.input_ids_bs,
-            pixel_values=batch.pixel_values_bcyx,
+            pixel_values=batch.pixels.values,
             attention_mask=batch.attention_mask_bs.long(),
         ).logits
     for i in range(full.shape[0]):
@@ -258,4 +258,4 @@ def test_iter_batches_covers_the_data_in_order(vlm, samples, batch):
         part, row = parts[i // 2], i % 2
         n = int(part.lengths_b[row])
         assert n == int(batch.lengths_b[i]) and torch.equal(part.input_ids_bs[row, :n], batch.input_ids_bs[i, :n])
-        torch.testing.assert_close(part.pixel_values_bcyx[row], batch.pixel_values_bcyx[i], rtol=0, atol=0)
+        torch.testing.assert_close(part.pixels.values[row], batch.pixels.values[i], rtol=0, atol=0)

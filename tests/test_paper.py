@@ -69,7 +69,7 @@ def reference_logits(fake, batch, image_token_id):
         {k: v for k, v in state.items() if not k.startswith(("model.mm_projector.", "model.vision_tower."))}
     )
     with torch.no_grad():
-        feats = projector(tower(batch.pixel_values_bcyx, output_hidden_states=True).hidden_states[-2][:, 1:])
+        feats = projector(tower(batch.pixels.values, output_hidden_states=True).hidden_states[-2][:, 1:])
         embeds = llama.model.embed_tokens(batch.input_ids_bs).clone()
         is_image = batch.input_ids_bs == image_token_id
         embeds[is_image] = feats.reshape(-1, d_model)
@@ -80,7 +80,7 @@ def test_converted_model_matches_reference_forward(fake, vlm, batch):
     with torch.no_grad():
         logits = vlm.model(
             input_ids=batch.input_ids_bs,
-            pixel_values=batch.pixel_values_bcyx,
+            pixel_values=batch.pixels.values,
             attention_mask=batch.attention_mask_bs.long(),
         ).logits
     ref = reference_logits(fake, batch, vlm.image_token_id)
@@ -201,7 +201,7 @@ def test_paper_model_runs_through_the_adapter(vlm, batch):
     with torch.no_grad():
         hidden = vlm.model(
             input_ids=batch.input_ids_bs,
-            pixel_values=batch.pixel_values_bcyx,
+            pixel_values=batch.pixels.values,
             attention_mask=batch.attention_mask_bs.long(),
             output_hidden_states=True,
         ).hidden_states
@@ -212,7 +212,7 @@ def test_paper_model_runs_through_the_adapter(vlm, batch):
     metric = run.resid[resid_name(1)][batch.post_image_bs].sum()
     grads = torch.autograd.grad(metric, [run.z[z_name(0)], run.z[z_name(1)]])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    mean_d = A.image_embeddings(vlm, batch.pixel_values_bcyx).mean((0, 1))
+    mean_d = A.image_embeddings(vlm, batch.pixels).mean(0)
     with A.replace_image_embeddings(vlm, mean_d):
         corrupt = A.resid_stream(vlm, batch, layers=[1])[resid_name(1)]
     diff_bs = (corrupt - resid[resid_name(1)]).norm(dim=-1)

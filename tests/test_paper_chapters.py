@@ -17,27 +17,6 @@ from lib.io.runner import run_chapter
 CHAPTERS = toc_chapters(REPO_ROOT)
 
 
-def _toml(sections: dict) -> str:
-    def value(v):
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    lines = []
-    for key, v in sections.items():
-        if not isinstance(v, dict):
-            lines.append(f"{key} = {value(v)}")
-    for key, v in sections.items():
-        if isinstance(v, dict):
-            lines.append(f"[{key}]")
-            lines += [f"{k} = {value(x)}" for k, x in v.items()]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def paper_profile(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
@@ -70,7 +49,7 @@ def paper_profile(tmp_path_factory):
     real["probing"] = {"top_n": 6, "n_random": 3}
     real["attribution"] = {"n_samples": 4, "batch_size": 4, "top_k": 1, "n_random": 1}
     path = root / "paper-fake.toml"
-    path.write_text(_toml(real))
+    path.write_text(fakes.toml_text(real))
     return path
 
 

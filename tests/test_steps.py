@@ -21,7 +21,18 @@ def _other_values(value):
     if isinstance(value, float):
         return [value * 1.5, value / 2, value + 0.1, value - 0.1, 0.5]
     if isinstance(value, str):
-        return ["image", "full", "float32", "float16", "dev", value + "x", value.replace("{layer}", "{layer}x")]
+        # Named choices first (paper.format, paper.base_saes, the prompts' format strings), then generic edits.
+        choices = ["hf-llava", "qwen2-vl", "train", "release", "{image} {question}", "{caption} {question}"]
+        return [
+            *choices,
+            "image",
+            "full",
+            "float32",
+            "float16",
+            "dev",
+            value + "x",
+            value.replace("{layer}", "{layer}x"),
+        ]
     if isinstance(value, tuple):
         if not value:
             return [(0,)]

@@ -118,8 +118,10 @@ def plot_attention_overlays(
         for j, (head, label) in enumerate(zip(heads, labels, strict=True)):
             ax = axes[i, 1 + j]
             ax.imshow(img)
+            grid_yx = grid_bhyx[i, j]  # padded with NaN past a smaller image's grid (lib.kernels.attention)
+            grid_yx = grid_yx[~np.isnan(grid_yx).all(1)][:, ~np.isnan(grid_yx).all(0)]
             ax.imshow(
-                grid_bhyx[i, j],
+                grid_yx,
                 cmap="magma",
                 alpha=0.6,
                 extent=(0, img.shape[1], img.shape[0], 0),

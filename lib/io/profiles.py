@@ -79,26 +79,60 @@ class WorldConfig(Section):
         return (self.image_px // self.patch_px) ** 2
 
 
+VLM_FORMATS = ("llava-more", "hf-llava", "qwen2-vl")
+
+
 @dataclass(frozen=True)
 class PaperConfig(Section):
-    """The paper's models and data (../shared/METHOD.md); used when a profile has a `[paper]` section."""
+    """The paper's models and data (../shared/METHOD.md), or your own VLM on the same data: used when a profile has a
+    `[paper]` section. `format` says which kind of checkpoint `vlm` is (lib/sources/paper_models.py for LLaVA-MORE,
+    lib/sources/hf_models.py for Hugging Face LLaVA and Qwen2-VL checkpoints)."""
 
+    format: str = _f(
+        "llava-more",
+        lambda v: v in VLM_FORMATS,
+        "one of 'llava-more' (the original LLaVA layout, converted on load), 'hf-llava' (a Hugging Face "
+        "LlavaForConditionalGeneration checkpoint), 'qwen2-vl' (a Qwen2VLForConditionalGeneration checkpoint)",
+    )
     vlm: str = _f(
         "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning",
         lambda v: isinstance(v, str) and v != "",
-        "a hub id or local path of a LLaVA-MORE checkpoint (original LLaVA layout)",
+        "a hub id or local path of the VLM checkpoint, in the layout `format` names",
     )
     llm: str = _f(
         "meta-llama/Llama-3.1-8B-Instruct",
         lambda v: isinstance(v, str) and v != "",
-        "a hub id or local path of the LLM inside the VLM",
+        "a hub id or local path of the LLM the VLM was fine-tuned from",
     )
     vision_tower: str = _f(
         "openai/clip-vit-large-patch14-336",
         lambda v: isinstance(v, str) and v != "",
-        "a hub id or local path of the CLIP tower, used when the checkpoint has no tower weights",
+        "a hub id or local path of the CLIP tower (format 'llava-more' only), used when the checkpoint has no tower "
+        "weights",
     )
-    sae_release: str = _f("llama_scope_lxr_8x", lambda v: isinstance(v, str) and v != "", "a SAELens release")
+    prompt: str = _f(
+        "chat",
+        lambda v: isinstance(v, str) and (v == "chat" or (v.count("{image}") == 1 and "{question}" in v)),
+        "'chat' (the VLM's chat template: one user turn of the image and the question) or a format string "
+        "holding {image} once and {question}",
+    )
+    lm_prompt: str = _f(
+        "chat",
+        lambda v: isinstance(v, str) and (v == "chat" or ("{caption}" in v and "{question}" in v)),
+        "'chat' (the LLM's chat template over the paper's user turn of caption and instruction) or a format string "
+        "holding {caption} and {question}",
+    )
+    base_saes: str = _f(
+        "release",
+        lambda v: v in ("release", "train"),
+        "'release' (the SAELens release sae_release / sae_id, rebuilt as TopK with topk) or 'train' (TopK SAEs "
+        "trained here on the LLM's text stream with [sae] expansion, k, base_pairs, base_lr, base_batch_size)",
+    )
+    sae_release: str = _f(
+        "llama_scope_lxr_8x",
+        lambda v: isinstance(v, str) and v != "",
+        "a SAELens release, or a local folder of SAELens SAEs, one per sae_id",
+    )
     sae_id: str = _f(
         "l{layer}r_8x",
         lambda v: isinstance(v, str) and "{layer}" in v,

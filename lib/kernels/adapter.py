@@ -1,9 +1,10 @@
-"""One adapter between the book and a Hugging Face LLaVA model: the organism and the paper's LLaVA-MORE alike.
+"""One adapter between the book and a Hugging Face VLM: the organism, the paper's LLaVA-MORE, any HF LLaVA and
+Qwen2-VL alike.
 
 Every later chapter reads a vision-language model through this module and nothing else. It speaks TransformerLens'
-names over a plain `transformers.LlavaForConditionalGeneration` (language model at `model.model.language_model`,
-vision tower at `model.model.vision_tower`, projector at `model.model.multi_modal_projector`, head at
-`model.lm_head`), using forward hooks instead of a converted copy of the model:
+names over a plain `transformers.LlavaForConditionalGeneration` or `Qwen2VLForConditionalGeneration` (where each
+keeps its decoder, image encoder and projector: lib/kernels/architectures.py), using forward hooks instead of a
+converted copy of the model:
 
 - `blocks.{L}.hook_resid_post`: the residual stream after decoder block L (before the final norm, which is what the
   Llama Scope SAEs read). For L < n_layers - 1 this is HF's `hidden_states[L + 1]`; HF's last hidden state is taken
@@ -16,13 +17,16 @@ Interventions are context managers that install hooks for the duration of a `wit
 corrupted run of the attribution step: every image embedding replaced by one vector).
 
 Padding is on the right with an attention mask, so a sequence's real tokens keep positions 0..len-1 and never see
-padding (it comes after them under the causal mask). BOS is not removed from the forward pass: the model needs it.
-It is exposed as `Batch.bos_bs`, and `Batch.keep_bs` (real, non-BOS tokens) is the mask downstream statistics use.
+padding (it comes after them under the causal mask). Qwen2-VL's images each become their own number of tokens (from
+their size), and its M-RoPE positions are computed once per batch by the model's own `get_rope_index`; every forward
+of the batch then passes the same position ids, whatever the class. BOS is not removed from the forward pass: the
+model needs it. It is exposed as `Batch.bos_bs`, and `Batch.keep_bs` (real, non-BOS tokens) is the mask downstream
+statistics use.
 
 Shape key (suffixes of tensor names):
     b  sequences in a batch        s  token positions (padded)      d  residual width (d_model)
-    h  attention heads             k  head width (d_head)           n  image tokens per image
-    c  image channels              y, x  image rows, columns        v  vocabulary
+    h  attention heads             k  head width (d_head)           n  image tokens (of one image, or of all)
+    v  vocabulary
 """
 
 from __future__ import annotations
@@ -35,22 +39,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lib.kernels import architectures as arch
+from lib.kernels.architectures import Pixels, as_pixels, decoder
 from lib.names import resid_name, z_name
-
-
-def n_image_tokens_of(config) -> int:
-    """Image tokens one image becomes in a LLaVA config: one per patch, plus CLS if the strategy keeps it."""
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    return side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
 @dataclass
 class VLM:
-    """A LLaVA model and everything needed to feed it: the bundle every chapter passes around.
+    """A VLM (LLaVA or Qwen2-VL) and everything needed to feed it: the bundle every chapter passes around.
 
-    `prompt(question)` must return text holding `image_placeholder` exactly once; the adapter replaces it by the
-    tokenizer's string for `image_token_id` and expands that single token to `n_image_tokens` copies, as the HF
+    `preprocess(images)` returns the model's pixel input: a tensor (LLaVA) or a (pixel_values, image_grid_thw) pair
+    (Qwen2-VL). `prompt(question)` must return text holding `image_placeholder` exactly once; the adapter replaces
+    it by the tokenizer's string for `image_token_id` and expands that single token to one copy per image token
+    (`n_image_tokens` for LLaVA; each image's own count for Qwen2-VL, where `n_image_tokens` stays None), as the HF
     processor does. `add_special_tokens` is handed to the tokenizer: set it False when the prompt text already
     starts with BOS (a chat template does), otherwise BOS appears twice.
     The text-only reference stream runs `base_lm` (a causal LM, e.g. `LlamaForCausalLM`) on
@@ -59,11 +60,11 @@ class VLM:
 
     model: nn.Module
     tokenizer: Any
-    preprocess: Callable[[Sequence[Any]], Tensor]  # images -> pixel_values_bcyx
+    preprocess: Callable[[Sequence[Any]], Any]  # images -> pixel_values, or (pixel_values, image_grid_thw)
     prompt: Callable[[str], str]
     image_placeholder: str = "<image>"
     image_token_id: int | None = None  # default: model.config.image_token_id
-    n_image_tokens: int | None = None  # default: from the vision config
+    n_image_tokens: int | None = None  # LLaVA: from the vision config; Qwen2-VL: None (one count per image)
     add_special_tokens: bool = True
     base_lm: nn.Module | None = None
     lm_tokenizer: Any = None
@@ -72,13 +73,13 @@ class VLM:
 
     def __post_init__(self):
         config = self.model.config
-        assert hasattr(config, "vision_config") and hasattr(self.model, "lm_head"), (
-            f"VLM.model must be a LlavaForConditionalGeneration, got {type(self.model).__name__}"
-        )
+        self.kind = arch.kind(self.model)
         if self.image_token_id is None:
             self.image_token_id = int(config.image_token_id)
-        if self.n_image_tokens is None:
-            self.n_image_tokens = n_image_tokens_of(config)
+        if self.n_image_tokens is None and self.kind == arch.LLAVA:
+            vision = config.vision_config
+            side = vision.image_size // vision.patch_size
+            self.n_image_tokens = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
         if self.lm_tokenizer is None:
             self.lm_tokenizer = self.tokenizer
         # Analysis never trains the model: dropout off (a later .train() by the caller is not prevented).
@@ -112,12 +113,13 @@ class Batch(NamedTuple):
 
     input_ids_bs: Tensor
     attention_mask_bs: Tensor  # real tokens (BOS included)
-    position_ids_bs: Tensor
+    position_ids: Tensor  # (b, s); (3, b, s) under Qwen2-VL's M-RoPE (temporal, row, column)
     image_mask_bs: Tensor  # image-token positions
     post_image_bs: Tensor  # text tokens after the last image token; all False in a text-only batch
     bos_bs: Tensor  # the leading BOS, where the tokenizer put one
     lengths_b: Tensor
-    pixel_values_bcyx: Tensor | None  # None: a text-only batch, run through the base LM
+    pixels: Pixels | None  # None: a text-only batch, run through the base LM
+    image_grid_b2: Tensor | None = None  # per sequence, the (rows, columns) its image tokens cover (CLS not counted)
 
     @property
     def keep_bs(self) -> Tensor:
@@ -130,7 +132,7 @@ class Batch(NamedTuple):
         return self.keep_bs & ~self.image_mask_bs
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in self))
+        return Batch(*(t.to(device) if isinstance(t, (Tensor, Pixels)) else t for t in self))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,9 +146,7 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _collate(
-    rows: list[list[int]], tokenizer, image_token_id: int | None, pixel_values_bcyx: Tensor | None, device
-) -> Batch:
+def _collate(rows: list[list[int]], tokenizer, image_token_id: int | None, pixels: Pixels | None) -> Batch:
     lengths_b = torch.tensor([len(r) for r in rows])
     n_b, n_s = len(rows), int(lengths_b.max())
     input_ids_bs = torch.full((n_b, n_s), _pad_id(tokenizer), dtype=torch.long)
@@ -167,21 +167,14 @@ def _collate(
     bos_bs = torch.zeros_like(attention_mask_bs)
     if tokenizer.bos_token_id is not None:
         bos_bs[:, 0] = input_ids_bs[:, 0] == tokenizer.bos_token_id
-    batch = Batch(
-        input_ids_bs,
-        attention_mask_bs,
-        position_ids_bs,
-        image_mask_bs,
-        post_image_bs,
-        bos_bs,
-        lengths_b,
-        pixel_values_bcyx,
+    return Batch(
+        input_ids_bs, attention_mask_bs, position_ids_bs, image_mask_bs, post_image_bs, bos_bs, lengths_b, pixels
     )
-    return batch.to(device) if device is not None else batch
 
 
-def encode_vlm_prompt(vlm: VLM, text: str) -> list[int]:
-    """Token ids of one VLM prompt, with its single image placeholder expanded to `n_image_tokens` image ids."""
+def encode_vlm_prompt(vlm: VLM, text: str, n_tokens: int | None = None) -> list[int]:
+    """Token ids of one VLM prompt, with its single image placeholder expanded to `n_tokens` image ids (default
+    `vlm.n_image_tokens`)."""
     if text.count(vlm.image_placeholder) != 1:
         raise ValueError(
             f"a VLM prompt must hold the image placeholder {vlm.image_placeholder!r} exactly once; "
@@ -197,19 +190,23 @@ def encode_vlm_prompt(vlm: VLM, text: str) -> list[int]:
             f"{len(where)} image ids; it must be a single token of the vocabulary"
         )
     i = where[0]
-    return ids[:i] + [vlm.image_token_id] * vlm.n_image_tokens + ids[i + 1 :]
+    n_tokens = vlm.n_image_tokens if n_tokens is None else n_tokens
+    assert n_tokens is not None, "this model's image-token count depends on the image: pass n_tokens"
+    return ids[:i] + [vlm.image_token_id] * n_tokens + ids[i + 1 :]
 
 
 def prepare(vlm: VLM, images: Sequence[Any], questions: Sequence[str], device=None) -> Batch:
-    """A VLM batch: each question through `vlm.prompt`, each image through `vlm.preprocess`."""
+    """A VLM batch: each image through `vlm.preprocess`, each question through `vlm.prompt` with as many image
+    tokens as its image becomes."""
     assert len(images) == len(questions), f"{len(images)} images for {len(questions)} questions"
-    rows = [encode_vlm_prompt(vlm, vlm.prompt(q)) for q in questions]
-    pixel_values_bcyx = vlm.preprocess(list(images))
-    assert pixel_values_bcyx.shape[0] == len(rows), (
-        f"preprocess returned {pixel_values_bcyx.shape[0]} images for {len(rows)} inputs"
-    )
-    device = _device(vlm.model) if device is None else device
-    return _collate(rows, vlm.tokenizer, vlm.image_token_id, pixel_values_bcyx, device)
+    pixels = as_pixels(vlm.preprocess(list(images)))
+    n_b, grid_b2 = arch.image_token_grids(vlm.model, pixels)
+    assert len(n_b) == len(questions), f"preprocess returned {len(n_b)} images for {len(questions)} inputs"
+    rows = [encode_vlm_prompt(vlm, vlm.prompt(q), n) for q, n in zip(questions, n_b, strict=True)]
+    batch = _collate(rows, vlm.tokenizer, vlm.image_token_id, pixels)
+    rope = arch.rope_positions(vlm.model, batch.input_ids_bs, batch.image_mask_bs, batch.attention_mask_bs, pixels)
+    batch = batch._replace(image_grid_b2=grid_b2, position_ids=batch.position_ids if rope is None else rope)
+    return batch.to(_device(vlm.model) if device is None else device)
 
 
 def prepare_text(vlm: VLM, captions: Sequence[str], questions: Sequence[str], device=None) -> Batch:
@@ -221,8 +218,7 @@ def prepare_text(vlm: VLM, captions: Sequence[str], questions: Sequence[str], de
         for c, q in zip(captions, questions, strict=True)
     ]
     model = vlm.base_lm if vlm.base_lm is not None else vlm.model
-    device = _device(model) if device is None else device
-    return _collate(rows, vlm.lm_tokenizer, None, None, device)
+    return _collate(rows, vlm.lm_tokenizer, None, None).to(_device(model) if device is None else device)
 
 
 def iter_batches(
@@ -246,14 +242,8 @@ def _hf(model_or_vlm) -> nn.Module:
     return model_or_vlm.model if isinstance(model_or_vlm, VLM) else model_or_vlm
 
 
-def decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (`.layers`, `.norm`) of a LLaVA model or of a causal LM."""
-    inner = model.model
-    return getattr(inner, "language_model", inner)
-
-
 def _model_for(vlm: VLM, batch: Batch) -> nn.Module:
-    if batch.pixel_values_bcyx is not None:
+    if batch.pixels is not None:
         return vlm.model
     if vlm.base_lm is None:
         raise ValueError("a text-only batch runs through VLM.base_lm, which is not set")
@@ -265,12 +255,11 @@ def _forward_trunk(model: nn.Module, batch: Batch):
     kwargs = dict(
         input_ids=batch.input_ids_bs,
         attention_mask=batch.attention_mask_bs.long(),
-        position_ids=batch.position_ids_bs,
+        position_ids=batch.position_ids,
         use_cache=False,
     )
-    if batch.pixel_values_bcyx is not None:
-        dtype = next(model.model.vision_tower.parameters()).dtype
-        kwargs["pixel_values"] = batch.pixel_values_bcyx.to(dtype)
+    if batch.pixels is not None:
+        kwargs.update(arch.forward_kwargs(model, batch.pixels))
     return model.model(**kwargs)
 
 
@@ -377,14 +366,10 @@ def next_token_logits(vlm: VLM, batch: Batch) -> Tensor:
     return model.lm_head(h_bd).float()
 
 
-@torch.no_grad()
-def image_embeddings(vlm: VLM, pixel_values_bcyx: Tensor) -> Tensor:
-    """e_bnd: the projected image tokens the language model receives (vision tower -> projector)."""
-    llava = vlm.model.model
-    tower_param = next(llava.vision_tower.parameters())
-    out = llava.get_image_features(pixel_values=pixel_values_bcyx.to(tower_param.device, tower_param.dtype))
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+def image_embeddings(vlm: VLM, pixels) -> Tensor:
+    """e_nd: the projected image tokens the language model receives (image encoder -> projector), every image's
+    tokens concatenated in order; `pixels` as `vlm.preprocess` returns them."""
+    return arch.image_features(vlm.model, as_pixels(pixels))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,13 +448,16 @@ def project_out(model_or_vlm, layer: int, directions: Tensor, positions_bs: Tens
 @contextmanager
 def replace_image_embeddings(model_or_vlm, embedding_d: Tensor):
     """Every image token enters the language model as `embedding_d` (e.g. the mean image-token embedding of other
-    samples: the corrupted run of attribution patching). Text embeddings are untouched."""
+    samples: the corrupted run of attribution patching), or, given every image token's embedding (e_nd as
+    `image_embeddings` returns them, or e_bnd), each token as its own: a per-sample corrupted run. Text embeddings
+    are untouched."""
     model = _hf(model_or_vlm)
 
     def hook(_module, _args, out_bnd):
-        return embedding_d.to(out_bnd.device, out_bnd.dtype).expand_as(out_bnd)
+        e = embedding_d.to(out_bnd.device, out_bnd.dtype)
+        return e.reshape(out_bnd.shape) if e.dim() > 1 and e.numel() == out_bnd.numel() else e.expand_as(out_bnd)
 
-    handle = model.model.multi_modal_projector.register_forward_hook(hook)
+    handle = arch.projector(model).register_forward_hook(hook)
     try:
         yield
     finally:

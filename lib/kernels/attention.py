@@ -90,10 +90,15 @@ def attention_patterns(vlm: VLM, batch: Batch, heads: Sequence[Head]) -> dict[He
 
 
 class ImageAttention(NamedTuple):
+    """Attention from the query positions to each sequence's image tokens. Images whose token count is below the
+    batch's largest (Qwen2-VL: each image its own count) are padded with NaN: sequence b's own grid is
+    `grid_bhyx[b, :, :rows, :cols]` with (rows, cols) = `grid_b2[b]`."""
+
     heads: list[Head]
-    to_image_bhn: Tensor  # mean over the query positions of the attention to each image token
+    to_image_bhn: Tensor  # mean over the query positions of the attention to each image token (NaN past the image's)
     grid_bhyx: Tensor  # the same on the patch grid (a CLS token, if the model keeps one, dropped)
     image_mass_bh: Tensor  # total attention on the image tokens (of 1 over all keys)
+    grid_b2: Tensor  # rows, columns of each sequence's grid
 
 
 def last_token_bs(batch: Batch) -> Tensor:
@@ -110,22 +115,23 @@ def image_attention(vlm: VLM, batch: Batch, heads: Sequence[Head], query_bs: Ten
     assert (query_bs & ~batch.attention_mask_bs).sum() == 0, "query positions must be real tokens"
     assert query_bs.any(1).all(), "every sequence needs at least one query position"
     patterns = attention_patterns(vlm, batch, heads)
-    n = vlm.n_image_tokens
-    img_idx_bn = torch.stack([row.nonzero().flatten() for row in batch.image_mask_bs])
-    assert img_idx_bn.shape[1] == n, f"expected {n} image tokens per sequence, found {img_idx_bn.shape[1]}"
     w_bq = query_bs.to(next(iter(patterns.values())).dtype)
-    to_image = []
-    for head in heads:
-        mean_bs = (patterns[tuple(head)] * w_bq[:, :, None]).sum(1) / w_bq.sum(1, keepdim=True)
-        to_image.append(mean_bs.gather(1, img_idx_bn))
-    to_image_bhn = torch.stack(to_image, 1)
-    side = math.isqrt(n)
-    grid_bhn = to_image_bhn[..., 1:] if side * side != n else to_image_bhn  # LLaVA's "full": CLS first
-    side = math.isqrt(grid_bhn.shape[-1])
-    assert side * side == grid_bhn.shape[-1], f"{n} image tokens do not form a square patch grid"
-    return ImageAttention(
-        [tuple(h) for h in heads], to_image_bhn, grid_bhn.unflatten(-1, (side, side)), to_image_bhn.sum(-1)
+    mean_bhs = torch.stack(
+        [(patterns[tuple(head)] * w_bq[:, :, None]).sum(1) / w_bq.sum(1, keepdim=True) for head in heads], 1
     )
+    grid_b2 = batch.image_grid_b2.cpu()
+    n_b = batch.image_mask_bs.sum(1).cpu()
+    n_y, n_x = (int(v) for v in grid_b2.amax(0))
+    to_image_bhn = mean_bhs.new_full((*mean_bhs.shape[:2], int(n_b.max())), math.nan)
+    grid_bhyx = mean_bhs.new_full((*mean_bhs.shape[:2], n_y, n_x), math.nan)
+    for b, mask_s in enumerate(batch.image_mask_bs):
+        to_image_hn = mean_bhs[b][:, mask_s.nonzero().flatten()]
+        rows, cols = (int(v) for v in grid_b2[b])
+        cls = int(n_b[b]) - rows * cols  # LLaVA's "full" strategy: CLS first, not on the grid
+        assert cls in (0, 1), f"sequence {b}: {int(n_b[b])} image tokens for a {rows} x {cols} grid"
+        to_image_bhn[b, :, : to_image_hn.shape[1]] = to_image_hn
+        grid_bhyx[b, :, :rows, :cols] = to_image_hn[:, cls:].unflatten(-1, (rows, cols))
+    return ImageAttention([tuple(h) for h in heads], to_image_bhn, grid_bhyx, to_image_bhn.nansum(-1), grid_b2)
 
 
 def attention_mass(att: ImageAttention, patches_b: Sequence[Sequence[int]]) -> Tensor:
@@ -138,7 +144,7 @@ def attention_mass(att: ImageAttention, patches_b: Sequence[Sequence[int]]) -> T
         idx = sorted(set(int(p) for p in patches))
         assert all(0 <= p < grid_bhn.shape[-1] for p in idx), f"sequence {i}: patch index outside the grid"
         mask_bn[i, idx] = 1.0
-    return (grid_bhn * mask_bn[:, None]).sum(-1)
+    return (grid_bhn.nan_to_num(0.0) * mask_bn[:, None]).sum(-1)  # NaN: outside a smaller image's grid
 
 
 def scene_patches(scene, shapes: Sequence[str], grid_side: int) -> list[int]:

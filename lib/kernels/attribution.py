@@ -103,11 +103,11 @@ def mean_image_embedding(vlm: VLM, images: Sequence[Any], batch_size: int = 16) 
     total_d, count = None, 0
     for start in range(0, len(images), batch_size):
         chunk = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-        e_bnd = image_embeddings(vlm, vlm.preprocess(chunk))
-        part_d = e_bnd.double().sum((0, 1))
+        e_nd = image_embeddings(vlm, vlm.preprocess(chunk))  # every image's tokens, whatever their count
+        part_d = e_nd.double().sum(0)
         total_d = part_d if total_d is None else total_d + part_d
-        count += e_bnd.shape[0] * e_bnd.shape[1]
-    return (total_d / count).to(e_bnd.dtype)
+        count += e_nd.shape[0]
+    return (total_d / count).to(e_nd.dtype)
 
 
 def _run(vlm: VLM, batch: Batch, resid_layers, z_layers, *, corrupt_d: Tensor | None, grad: bool):
@@ -117,7 +117,7 @@ def _run(vlm: VLM, batch: Batch, resid_layers, z_layers, *, corrupt_d: Tensor | 
 
 
 def _check_batch(vlm: VLM, batch: Batch, features: Sequence[Feature]) -> None:
-    assert batch.pixel_values_bcyx is not None, "attribution needs a VLM batch with images (adapter.prepare)"
+    assert batch.pixels is not None, "attribution needs a VLM batch with images (adapter.prepare)"
     assert batch.post_image_bs.any(1).all(), "every sequence needs at least one post-image text token"
     assert features, "no features given"
     bad = [f.name or f.layer for f in features if f.layer >= vlm.n_layers]

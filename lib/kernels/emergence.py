@@ -42,7 +42,7 @@ def text_answer_codes(
     for lo in range(0, len(samples), batch_size):
         chunk = samples[lo : lo + batch_size]
         batch = prepare_text(vlm, [s.scene.caption() for s in chunk], [s.question for s in chunk])
-        assert batch.pixel_values_bcyx is None, "the text-only stream runs on the base LM"
+        assert batch.pixels is None, "the text-only stream runs on the base LM"
         resid = capture(vlm, batch, resid_layers=layers).resid
         last_b = batch.lengths_b - 1
         rows_b = torch.arange(len(chunk))

@@ -329,10 +329,8 @@ def feature_trace(vlm: VLM, encode: Callable, layer: int, feature: int, image, q
     z_s[keep_s.cpu()] = _encode_columns(encode, x_sd[keep_s], torch.tensor([feature]), 4096)[:, 0]
     image_s = batch.image_mask_bs[0].cpu()
     patch_n = z_s[image_s]
-    side = math.isqrt(len(patch_n))
-    if side * side != len(patch_n) and math.isqrt(len(patch_n) - 1) ** 2 == len(patch_n) - 1:
-        patch_n, side = patch_n[1:], math.isqrt(len(patch_n) - 1)  # a leading CLS token ("full" strategy)
-    assert side * side == len(patch_n), f"{len(patch_n)} image tokens do not form a square patch grid"
+    rows, cols = (int(v) for v in batch.image_grid_b2[0])
+    patch_n = patch_n[len(patch_n) - rows * cols :]  # a leading CLS token ("full" strategy) is not on the grid
     tokens, acts, seen_image = [], [], False
     ids = batch.input_ids_bs[0].cpu()
     for s in range(int(batch.lengths_b[0])):
@@ -344,4 +342,4 @@ def feature_trace(vlm: VLM, encode: Callable, layer: int, feature: int, image, q
         elif keep_s[s]:
             tokens.append(vlm.tokenizer.decode([int(ids[s])]).strip() or repr(vlm.tokenizer.decode([int(ids[s])])))
             acts.append(float(z_s[s]))
-    return Trace(image, patch_n.reshape(side, side), tokens, torch.tensor(acts))
+    return Trace(image, patch_n.reshape(rows, cols), tokens, torch.tensor(acts))

@@ -148,8 +148,10 @@ class Data:
         return self._get("heldout", lambda: world_pairs(self._world("heldout")))
 
     @cached_property
-    def text(self) -> Sequence | None:  # (caption, question): the base SAEs' training stream (organism only)
-        return self._get("text", lambda: text_pairs(self._world("text")))
+    def text(self) -> Sequence:  # (caption, question): the base SAEs' training stream
+        if self.P.paper is not None:  # the first base_pairs adaptation rows' COCO captions and questions
+            return self._paper["text"][: self.P.sae.base_pairs]
+        return text_pairs(self._world("text"))
 
     @cached_property
     def heldout_text(self) -> Sequence:  # (caption, question) of the held-out images: the text-only stream
@@ -198,8 +200,9 @@ class Data:
 
 def paper_data(cfg) -> dict:
     """The paper profile's data: VQAv2 rows for adaptation and held-out metrics, COCO captions for the text-only
-    stream, the first `n_spatial_questions` spatial and as many general VQAv2 questions (adaptation rows, keyword
-    regex) for probing, VSR as the statement benchmark. No ground truth, no control task."""
+    streams (held-out rows; adaptation rows for base SAEs trained here), the first `n_spatial_questions` spatial and
+    as many general VQAv2 questions (adaptation rows, keyword regex) for probing, VSR as the statement benchmark. No
+    ground truth, no control task."""
     from lib.kernels.causal import Statement
     from lib.kernels.probing import SampleSet
     from lib.sources import paper_data as PD
@@ -211,6 +214,7 @@ def paper_data(cfg) -> dict:
     pairs = lambda ds: LazyPairs(len(ds), lambda i: (ds[i]["image"], ds[i]["question"]))  # noqa: E731
     captions = PD.load_coco_captions(cfg.coco_captions)
     caps, questions = PD.text_stream_pairs(heldout, captions, name)
+    adapt_caps, adapt_questions = PD.text_stream_pairs(adapt, captions, name)
     questions_all = adapt["question"]
     spatial = [i for i, q in enumerate(questions_all) if PD.is_spatial_question(q)][: cfg.n_spatial_questions]
     general = [i for i, q in enumerate(questions_all) if not PD.is_spatial_question(q)][: len(spatial)]
@@ -226,7 +230,7 @@ def paper_data(cfg) -> dict:
     return dict(
         adapt=pairs(adapt),
         heldout=pairs(heldout),
-        text=None,
+        text=list(zip(adapt_caps, adapt_questions, strict=True)),  # base SAEs trained here (base_saes = "train")
         heldout_text=list(zip(caps, questions, strict=True)),
         probe=SampleSet(LazyPairs(len(probe_rows), lambda i: probe_rows[i]["image"]), list(probe_rows["question"])),
         probe_spatial=np.array([PD.is_spatial_question(q) for q in probe_rows["question"]]),
@@ -237,39 +241,57 @@ def paper_data(cfg) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The models every analysis step runs: the organism (lib/steps/organism.py) or the paper's LLaVA-MORE.
+# The models every analysis step runs: the organism (lib/steps/organism.py), the paper's LLaVA-MORE or your own VLM.
 
-PAPER_MODEL_READS = ("paper.vlm", "paper.llm", "paper.vision_tower", "paper.dtype")
+PAPER_MODEL_READS = tuple(
+    f"paper.{f}" for f in ("format", "vlm", "llm", "vision_tower", "prompt", "lm_prompt", "dtype")
+)
+
+
+def paper_parts(cfg) -> dict:
+    """The VLM bundle's fields for a `[paper]` section: LLaVA-MORE converted (format 'llava-more') or a Hugging Face
+    LLaVA / Qwen2-VL checkpoint, each with its base LLM; `prompt` and `lm_prompt` other than 'chat' are format
+    strings (lib/sources/hf_models.py)."""
+    import torch
+
+    from lib.sources import hf_models as HF
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.format != "llava-more":
+        return HF.hf_vlm_parts(cfg.format, cfg.vlm, cfg.llm, cfg.prompt, cfg.lm_prompt, dtype=dtype)
+    from pathlib import Path
+
+    from lib.sources.paper_models import paper_vlm_parts
+
+    # The generation prompt (assistant header) ends every prompt, so the last position is where the answer is
+    # formed: the statement benchmark reads its next-token logits there.
+    parts = paper_vlm_parts(cfg.vlm, cfg.llm, cfg.vision_tower, dtype=dtype, add_generation_prompt=True)
+    if cfg.prompt != HF.CHAT:  # LLaVA-MORE's placeholder is "<image>", replaced by its image token on encoding
+        fn, add_special = HF.vlm_prompt(cfg.prompt, Path(cfg.vlm), parts["tokenizer"], parts["image_placeholder"])
+        parts.update(prompt=fn, add_special_tokens=add_special)
+    if cfg.lm_prompt != HF.CHAT:
+        fn, add_special = HF.lm_prompt(cfg.lm_prompt, Path(cfg.llm), parts["lm_tokenizer"])
+        parts.update(lm_prompt=fn, lm_add_special_tokens=add_special)
+    return parts
 
 
 @step("models", after=("organism",), reads=("threads", *PAPER_MODEL_READS), cached=False)
 def models(ctx):
-    """The VLM bundle (lib.kernels.adapter.VLM) of a profile: the organism or the paper's LLaVA-MORE + Llama-3.1."""
+    """The VLM bundle (lib.kernels.adapter.VLM) of a profile: the organism, or a `[paper]` section's VLM and LLM."""
     import torch
 
     from lib.kernels.adapter import VLM
 
     P = ctx.P
+    # Every later step runs on the profile's thread count, including steps whose cached inputs were reused (torch's
+    # default of one thread per core spins when another process holds a core: a feature table took 356 s instead of
+    # 4.5 s that way, and chapter 6 on the tiny Hugging Face fakes 107 s instead of 17 s).
+    torch.set_num_threads(P.threads)
     if P.paper is not None:
-        from lib.sources.paper_models import paper_vlm_parts
-
-        # The generation prompt (assistant header) ends every prompt, so the last position is where the answer is
-        # formed: the statement benchmark reads its next-token logits there.
-        parts = paper_vlm_parts(
-            P.paper.vlm,
-            P.paper.llm,
-            P.paper.vision_tower,
-            dtype=getattr(torch, P.paper.dtype),
-            add_generation_prompt=True,
-        )
-        return VLM(**parts)
+        return VLM(**paper_parts(P.paper))
     from lib.sources import organism as O
     from lib.sources.tokenizer import BOS, IMAGE
 
-    # Every later step runs the organism on the profile's thread count, including steps whose cached inputs were
-    # reused (torch's default of one thread per core spins when another process holds a core: a feature table took
-    # 356 s instead of 4.5 s that way).
-    torch.set_num_threads(P.threads)
     m = ctx.up("organism")
     return VLM(
         model=m.vlm,

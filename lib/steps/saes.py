@@ -11,7 +11,7 @@ from lib.io.cache import load_table, save_table
 from lib.steps.data import data_reads
 from lib.steps.registry import step
 
-PAPER_SAE_READS = ("paper.sae_release", "paper.sae_id", "paper.topk")
+PAPER_SAE_READS = ("paper.base_saes", "paper.sae_release", "paper.sae_id", "paper.topk")
 
 
 def sae_layers(P, vlm) -> list[int]:
@@ -40,14 +40,15 @@ class BaseSAEs(NamedTuple):
     ),
 )
 def base_saes(ctx) -> BaseSAEs:
-    """Organism: one TopK SAE per layer trained on the base LM's text stream. Paper: Llama Scope as TopK k."""
+    """One TopK SAE per layer trained on the base LM's text stream (the organism, and a `[paper]` section with
+    `base_saes = "train"`), or a SAELens release rebuilt as TopK k = paper.topk (Llama Scope for the paper)."""
     from lib.kernels.adaptation import train_base_saes
     from lib.kernels.sae import SAESpec, load_saes
     from lib.kernels.sae_training import TrainConfig
 
     P, vlm, D = ctx.P, ctx.up("models"), ctx.data
     layers = sae_layers(P, vlm)
-    if P.paper is not None:
+    if P.paper is not None and P.paper.base_saes == "release":
         from lib.sources.paper_models import load_llama_scope_topk
 
         device = str(next(vlm.model.parameters()).device)
