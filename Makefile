@@ -30,9 +30,17 @@ ifeq ($(FORCE),1)
 RUNNER_ARGS += --force
 endif
 
-# Kernels, tests and the book build run offline whatever the calling shell has set (lib/io/runner.py sets the same
-# for the chapter kernels). PIP_NO_INDEX is not set here: `make install` needs the package index.
-OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=disabled MPLBACKEND=Agg
+# The book build and its kernels run offline by default: HF_HUB_OFFLINE is 1 unless the caller sets it, so a user
+# with hub access can run `HF_HUB_OFFLINE=0 make book PROFILE=paper` (or `make book PROFILE=paper HF_HUB_OFFLINE=0`);
+# lib/io/runner.py passes the caller's value to the chapter kernels and defaults to 1 as well. `make download`
+# fetches what a profile needs ahead of an offline build. The tests always run offline, whatever the caller set.
+# PIP_NO_INDEX is not set here: `make install` needs the package index.
+HF_HUB_OFFLINE ?= 1
+ifeq ($(strip $(HF_HUB_OFFLINE)),)
+override HF_HUB_OFFLINE := 1
+endif
+OFFLINE = HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) WANDB_MODE=disabled MPLBACKEND=Agg
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=disabled MPLBACKEND=Agg
 
 # The stamp depends on requirements.txt: editing it re-runs the install, a second `make install` does nothing.
 STAMP := $(VENV)/.installed
@@ -79,7 +87,7 @@ check: $(STAMP)
 # pytest exits 5 when it collected no test (a fresh checkout filtered down by -k, say): say so and pass; make
 # would otherwise turn it into its own exit status 2 and hide which it was.
 test: $(STAMP)
-	@rc=0; $(OFFLINE) PIP_NO_INDEX=1 $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(TEST_ENV) PIP_NO_INDEX=1 $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
 rendered: $(STAMP)
