@@ -45,6 +45,18 @@ TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=disabled MPLBACKEND=Agg
 # The stamp depends on requirements.txt: editing it re-runs the install, a second `make install` does nothing.
 STAMP := $(VENV)/.installed
 
+# The repository root goes on the virtual environment's path as a one-line .pth file in its site-packages, so that
+# `import lib` works from any working directory and in every way of running a chapter: a Jupyter kernel started in
+# chapters/ (`make lab`), `python chapters/01_world.py`, `jupyter nbconvert --execute` of a converted chapter, and
+# the runner. A kernel spec with PYTHONPATH would cover the kernels only, and a sys.path line in every chapter is
+# plumbing in the pages. Written by the install and checked again by every `make install` (a moved checkout).
+PTH := spatial-book-repo.pth
+define write_pth
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	if [ "$$(cat "$$site/$(PTH)" 2>/dev/null)" != "$(CURDIR)" ]; then \
+		echo "$(CURDIR)" > "$$site/$(PTH)"; echo "install: $$site/$(PTH) puts $(CURDIR) on the path"; fi
+endef
+
 .PHONY: help venv install book html chapter check organism organism-verify test rendered lint format chromium clean \
 	clean-cache
 
@@ -53,6 +65,7 @@ help:
 
 venv: $(STAMP)
 install: $(STAMP)
+	$(write_pth)
 
 # torch alone and first: `torch==2.13.0` resolves to the CPU build, and nothing installed later can bring the CUDA
 # build (with several GB of nvidia-* packages) in through another package's looser requirement.
@@ -60,6 +73,7 @@ $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install "$$(grep -E '^torch==' requirements.txt)"
 	$(PY) -m pip install -r requirements.txt
+	$(write_pth)
 	@touch $@
 
 book: $(STAMP)
