@@ -8,7 +8,9 @@
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make test                          unit tests and chapter smoke runs (no built book needed)
 #   make rendered                      load every page of the built book in headless Chromium
-#   make lint | format                 ruff
+#   make lab                           JupyterLab on this checkout: chapters/*.py open as notebooks (Jupytext)
+#   make lab-check                     start `make lab` headless, check it answers and opens the chapters, stop it
+#   make lint | format                 ruff, and actionlint on .github/workflows
 #   make chromium                      install Debian's chromium (for `make rendered`)
 #   make clean                         remove build products (not the artifact cache; `make clean-cache` does)
 
@@ -57,8 +59,17 @@ define write_pth
 		echo "$(CURDIR)" > "$$site/$(PTH)"; echo "install: $$site/$(PTH) puts $(CURDIR) on the path"; fi
 endef
 
+# `make lab`: requirements-lab.txt on top (its own stamp), then JupyterLab on 127.0.0.1 with this checkout as its
+# root (--allow-root only where make runs as root, as in CI containers). The kernels get the hub setting above but not
+# MPLBACKEND=Agg (a reader's own plots show inline). LAB_ARGS adds options, e.g. LAB_ARGS="--no-browser --port=8890".
+LAB_STAMP := $(VENV)/.installed-lab
+LAB_IP ?= 127.0.0.1
+LAB_ARGS ?=
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+JUPYTEXT_DEFAULT_VIEWER := {"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"python": "Jupytext Notebook"}}}
+
 .PHONY: help venv install book html chapter check organism organism-verify test rendered lint format chromium clean \
-	clean-cache
+	clean-cache lab lab-check
 
 help:
 	@awk '!/^#/ {exit} {sub(/^# ?/, ""); print}' Makefile
@@ -103,6 +114,20 @@ check: $(STAMP)
 test: $(STAMP)
 	@rc=0; $(TEST_ENV) PIP_NO_INDEX=1 $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
+
+$(LAB_STAMP): requirements-lab.txt
+	$(PY) -m pip install -r requirements-lab.txt
+	@mkdir -p $(LAB_SETTINGS)
+	echo '$(JUPYTEXT_DEFAULT_VIEWER)' > $(LAB_SETTINGS)/overrides.json
+	@touch $@
+
+lab: install $(LAB_STAMP)
+	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) WANDB_MODE=disabled $(VENV)/bin/jupyter lab --ServerApp.ip=$(LAB_IP) \
+		--ServerApp.root_dir=$(CURDIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# The headless check of `make lab` (tests/test_lab.py): it must run here, not skip.
+lab-check: install $(LAB_STAMP)
+	REQUIRE_LAB=1 $(TEST_ENV) $(PY) -m pytest -m lab tests/test_lab.py $(PYTEST_ARGS)
 
 rendered: $(STAMP)
 	@test -x /usr/bin/chromium || $(MAKE) --no-print-directory chromium
