@@ -4,6 +4,7 @@
 #   make chapter CHAPTER=01_world      run one chapter (PROFILE=... as above; FORCE=1 re-executes unchanged ones)
 #   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE, and no
 #                                      executed page shows a machine path, warning, error or progress bar
+#   make download PROFILE=paper        fetch the models, SAEs and datasets the profile names (DRY_RUN=1: the plan)
 #   make organism [PROFILE=default]    train the organism on this CPU and export it to artifacts/ (+ provenance)
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make test                          unit tests and chapter smoke runs (no built book needed)
@@ -68,8 +69,8 @@ LAB_ARGS ?=
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
 JUPYTEXT_DEFAULT_VIEWER := {"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"python": "Jupytext Notebook"}}}
 
-.PHONY: help venv install book html chapter check organism organism-verify test rendered lint format chromium clean \
-	clean-cache lab lab-check
+.PHONY: help venv install book html chapter check download organism organism-verify test rendered lint format chromium \
+	clean clean-cache lab lab-check
 
 help:
 	@awk '!/^#/ {exit} {sub(/^# ?/, ""); print}' Makefile
@@ -99,6 +100,14 @@ html: $(STAMP)
 chapter: $(STAMP)
 	@test -n "$(CHAPTER)" || { echo "usage: make chapter CHAPTER=01_world [PROFILE=$(PROFILE)]"; exit 2; }
 	$(OFFLINE) $(PY) -m lib.io.runner --profile $(PROFILE) --chapter $(CHAPTER) $(RUNNER_ARGS)
+
+# The one target that goes online by default (it exists to fetch): HF_HUB_OFFLINE=0 unless the caller set it, and a
+# caller's HF_HUB_OFFLINE=1 makes it refuse. What it fetches lands in the hub's and datasets' caches, where the book
+# then finds it offline (lib/io/download.py). DRY_RUN=1 prints the plan (with sizes when online) and fetches nothing.
+DRY_RUN ?=
+download: $(STAMP)
+	HF_HUB_OFFLINE=$(if $(filter file override,$(origin HF_HUB_OFFLINE)),0,$(HF_HUB_OFFLINE)) \
+		$(PY) -m lib.io.download --profile $(PROFILE) $(if $(filter 1,$(DRY_RUN)),--dry-run)
 
 organism: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE)
