@@ -142,9 +142,11 @@ rendered: $(STAMP)
 	@test -x /usr/bin/chromium || $(MAKE) --no-print-directory chromium
 	$(PY) -m pytest -m rendered tests/test_rendered.py $(PYTEST_ARGS)
 
+# actionlint with the pinned shellcheck (requirements.txt), so every machine checks the workflows' scripts alike.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/actionlint -shellcheck=$(VENV)/bin/shellcheck -pyflakes= .github/workflows/*.yml
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
