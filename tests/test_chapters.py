@@ -85,4 +85,7 @@ def test_chapter_runs_as_a_plain_script_from_the_chapters_folder(tmp_path, repo_
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert (tmp_path / "book" / "figures" / "default" / "01_world" / "scene_grid.png").is_file()
+    # Outside a notebook, figures and tables are printed as text, not as the reprs of IPython's display objects.
+    assert "[figure 01_world/scene_grid: scene_grid.png]" in done.stdout and "[table keyword_split]" in done.stdout
+    assert "<IPython.core.display" not in done.stdout and "Styler object" not in done.stdout, done.stdout[-2000:]
     assert _listing(CHAPTER_DIR) == before, "the run wrote into chapters/"
