@@ -250,9 +250,13 @@ def write_clip(directory: Path, seed: int = 1, image_size: int = 28, patch_size:
     return directory
 
 
-def write_llava_more(directory: Path, with_tower: bool, seed: int = 0) -> FakeLlavaMore:
-    """A tiny LLaVA-MORE in the original LLaVA layout. With `with_tower`, the checkpoint's tower weights differ from
-    the CLIP directory's on purpose, so a test can tell which of the two the converter used."""
+def write_llava_more(
+    directory: Path, with_tower: bool, seed: int = 0, tower_noise: float = 0.0, config: dict | None = None
+) -> FakeLlavaMore:
+    """A tiny LLaVA-MORE in the original LLaVA layout. With `with_tower`, the checkpoint carries a copy of the CLIP
+    directory's vision tower, as a checkpoint saved with its frozen tower does; `tower_noise` > 0 makes the copy
+    differ from the CLIP directory's, so a test can tell which of the two the converter used. `config` overrides
+    fields of config.json."""
     from transformers import CLIPModel, LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
@@ -276,7 +280,8 @@ def write_llava_more(directory: Path, with_tower: bool, seed: int = 0) -> FakeLl
     if with_tower:
         for k, v in clip.state_dict().items():
             if k.startswith("vision_model."):  # original LLaVA: CLIPVisionTower wraps CLIPVisionModel
-                state[f"model.vision_tower.vision_tower.{k}"] = v + 0.05 * torch.randn_like(v.float()).to(v.dtype)
+                noise = tower_noise * torch.randn_like(v.float()).to(v.dtype)
+                state[f"model.vision_tower.vision_tower.{k}"] = v + noise
     write_safetensors_sharded(state, ckpt)
     config = {
         "_name_or_path": "LLaVA_MORE-llama_3_1-8B-finetuning",
@@ -299,6 +304,7 @@ def write_llava_more(directory: Path, with_tower: bool, seed: int = 0) -> FakeLl
         "torch_dtype": "float32",
         "transformers_version": "4.43.1",
         "use_cache": True,
+        **(config or {}),
     }
     (ckpt / "config.json").write_text(json.dumps(config, indent=1))
     vision = clip.config.vision_config

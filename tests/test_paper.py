@@ -87,10 +87,22 @@ def test_converted_model_matches_reference_forward(fake, vlm, batch):
     real = batch.attention_mask_bs
     torch.testing.assert_close(logits[real], ref[real], rtol=0, atol=1e-4)
     assert vlm.model.config.vision_feature_layer == -2 and vlm.model.config.vision_feature_select_strategy == "default"
-    # Which tower was used: the fake's checkpoint copy differs from its CLIP directory on purpose.
-    clip_w = load_file(fake.clip_path / "model.safetensors")["vision_model.embeddings.patch_embedding.weight"]
-    used_w = vlm.model.model.vision_tower.embeddings.patch_embedding.weight
-    assert torch.equal(used_w, clip_w) != fake.with_tower
+    # The tower is CLIP's in both cases (the checkpoint's copy agrees with it: lib/sources/llava_tower.py).
+    assert torch.equal(_used_patch(vlm.model), _clip_patch(fake))
+
+
+def _used_patch(model):
+    return model.model.vision_tower.embeddings.patch_embedding.weight
+
+
+def _clip_patch(fake):
+    return load_file(fake.clip_path / "model.safetensors")["vision_model.embeddings.patch_embedding.weight"]
+
+
+def _checkpoint_patch(fake):
+    key = TOWER + "embeddings.patch_embedding.weight"
+    index = json.loads((fake.path / "model.safetensors.index.json").read_text())
+    return load_file(fake.path / index["weight_map"][key])[key]
 
 
 def _edit(src, dst, key, value=None):
@@ -161,6 +173,91 @@ def test_unknown_key_and_bad_config_are_named(fake, tmp_path):
     (cfg_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PM.CheckpointError, match="field `mm_projector_type` = 'linear'"):
         PM.convert_llava_more(cfg_dir, fake.clip_path, image_token_id=2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("mm_use_im_start_end", True, r"field `mm_use_im_start_end` = True; expected False \(<im_start>/<im_end>"),
+        ("mm_patch_merge_type", "spatial_unpad", r"field `mm_patch_merge_type` = 'spatial_unpad'; expected 'flat'"),
+    ],
+)
+def test_original_llava_options_not_implemented_are_refused(tmp_path, field, value, match):
+    fake = fakes.write_llava_more(tmp_path / "a", with_tower=False, config={field: value})
+    with pytest.raises(PM.CheckpointError, match=match):
+        PM.convert_llava_more(fake.path, fake.clip_path, image_token_id=2)
+    # Absent, each takes LLaVA's default (False, 'flat'): the same checkpoint converts.
+    cfg = json.loads((fake.path / "config.json").read_text())
+    del cfg[field], cfg["mm_use_im_start_end" if field == "mm_patch_merge_type" else "mm_patch_merge_type"]
+    (fake.path / "config.json").write_text(json.dumps(cfg))
+    PM.convert_llava_more(fake.path, fake.clip_path, image_token_id=2)
+
+
+# The vision tower: which one is used, and the agreement check (lib/sources/llava_tower.py)
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    """A checkpoint whose tower copy disagrees with its CLIP directory."""
+    return fakes.write_llava_more(tmp_path_factory.mktemp("noisy"), with_tower=True, tower_noise=0.05)
+
+
+def test_tower_copy_that_agrees_with_clip_says_clip_is_used(fake, capsys):
+    model = PM.convert_llava_more(fake.path, fake.clip_path, image_token_id=2)
+    said = capsys.readouterr().out
+    assert f"vision tower: CLIP weights from '{fake.clip_path}' (given for mm_vision_tower = " in said
+    if fake.with_tower:
+        assert "as LLaVA-MORE's loader reloads them; the checkpoint's copy agrees with them tensor by tensor" in said
+    else:
+        assert "the checkpoint carries none" in said
+    assert torch.equal(_used_patch(model), _clip_patch(fake))
+
+
+def test_tower_copy_that_disagrees_is_refused_naming_both(noisy):
+    with pytest.raises(PM.CheckpointError) as e:
+        PM.convert_llava_more(noisy.path, noisy.clip_path, image_token_id=2)
+    msg = str(e.value)
+    assert msg.startswith(f"{noisy.path}: its vision-tower weights disagree with the CLIP model '{noisy.clip_path}'")
+    assert "mm_vision_tower = 'openai/clip-vit-large-patch14-336'" in msg
+    assert "(first at `embeddings.class_embedding`, max |difference|" in msg
+    assert "tower='clip' (LLaVA-MORE's choice) or tower='checkpoint'" in msg
+
+
+@pytest.mark.parametrize("choice", ["clip", "checkpoint"])
+def test_tower_chosen_by_the_caller_is_the_one_used(noisy, capsys, choice):
+    model = PM.convert_llava_more(noisy.path, noisy.clip_path, image_token_id=2, tower=choice)
+    assert f"as asked (tower='{choice}')" in capsys.readouterr().out
+    expected = _clip_patch(noisy) if choice == "clip" else _checkpoint_patch(noisy)
+    assert torch.equal(_used_patch(model), expected)
+    assert not torch.equal(_clip_patch(noisy), _checkpoint_patch(noisy))
+
+
+def test_unfrozen_tower_is_the_checkpoints(tmp_path, capsys):
+    fake = fakes.write_llava_more(tmp_path, True, tower_noise=0.05, config={"unfreeze_mm_vision_tower": True})
+    model = PM.convert_llava_more(fake.path, fake.clip_path, image_token_id=2)
+    assert "the checkpoint's own weights" in capsys.readouterr().out
+    assert torch.equal(_used_patch(model), _checkpoint_patch(fake))
+
+
+def test_tower_choice_checkpoint_without_tower_is_refused(tmp_path):
+    fake = fakes.write_llava_more(tmp_path, with_tower=False)
+    with pytest.raises(PM.CheckpointError, match="tower='checkpoint' but the checkpoint has no vision-tower weights"):
+        PM.convert_llava_more(fake.path, fake.clip_path, image_token_id=2, tower="checkpoint")
+
+
+def test_agreement_allows_one_rounding_step_of_the_stored_dtype():
+    from lib.sources.llava_tower import first_disagreement
+
+    torch.manual_seed(0)
+    clip = {"a.weight": torch.randn(8, 8), "b.bias": torch.randn(8)}
+    as_bf16 = {k: v.to(torch.bfloat16).float() for k, v in clip.items()}  # saved in bf16, loaded into fp32
+    assert first_disagreement(dict(clip), {}, clip) is None
+    assert first_disagreement(as_bf16, dict.fromkeys(clip, torch.bfloat16), clip) is None
+    assert first_disagreement(as_bf16, {}, clip)[0] == "a.weight", "an fp32 copy must equal CLIP's exactly"
+    off = {**as_bf16, "b.bias": as_bf16["b.bias"] * (1 + 4 * torch.finfo(torch.bfloat16).eps)}
+    name, diff = first_disagreement(off, dict.fromkeys(clip, torch.bfloat16), clip)
+    assert name == "b.bias" and diff > 0
+    assert first_disagreement({"a.weight": clip["a.weight"][:4]}, {}, clip) == ("a.weight", float("inf"))
 
 
 def test_prompt_follows_llava_more_llama_3_1(vlm, batch):

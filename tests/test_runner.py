@@ -581,3 +581,61 @@ def test_check_fails_on_a_page_that_shows_what_it_must_not(tmp_path):
     assert done.returncode == 1
     assert "01_x, cell 0 (import lib): stderr output:" in done.stderr
     assert "01_x, cell 0 (import lib): absolute path:" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hub setting: offline by default, the caller's explicit value passed through `make` and the runner to the kernel
+
+ENV_BODY = """\
+# %%
+import os
+
+print("kernel HF_HUB_OFFLINE =", os.environ.get("HF_HUB_OFFLINE"))
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "seen"),
+    [
+        ({}, [], "1"),  # nobody says: offline
+        ({"HF_HUB_OFFLINE": ""}, [], "1"),  # set but empty: offline
+        ({"HF_HUB_OFFLINE": "0"}, [], "0"),  # `HF_HUB_OFFLINE=0 make book PROFILE=paper`
+        ({}, ["HF_HUB_OFFLINE=0"], "0"),  # `make book PROFILE=paper HF_HUB_OFFLINE=0`
+    ],
+    ids=["default", "empty", "environment", "make-variable"],
+)
+def test_hub_setting_reaches_the_kernel_through_make(tmp_path, env, args, seen):
+    """`make chapter` on a throwaway book (`--root`), with this interpreter's environment as the Makefile's VENV and
+    its install stamp taken as current (`-o`: nothing is installed): the kernel sees what the caller set, else 1."""
+    root = make_book(tmp_path)
+    write_chapter(root, "01_env", ENV_BODY)
+    write_toc(root, ["01_env"])
+    venv = Path(sys.prefix)
+    base = {k: v for k, v in os.environ.items() if k not in (*RUNNER_SETS, "MAKEFLAGS", "MAKELEVEL")}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", str(venv / ".installed"), "chapter", f"VENV={venv}",
+         "PROFILE=tiny", "CHAPTER=01_env", f"RUNNER_ARGS=--root {root}", *args],
+        cwd=REPO_ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"HF_HUB_OFFLINE={seen} " in done.stdout, done.stdout  # the command make ran
+    nb = nbformat.read(root / "book" / "notebooks" / "01_env.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"kernel HF_HUB_OFFLINE = {seen}\n" in text, text
+
+
+def test_tests_run_offline_whatever_the_caller_set():
+    done = subprocess.run(
+        ["make", "-n", "-o", str(Path(sys.prefix) / ".installed"), "test", f"VENV={sys.prefix}", "HF_HUB_OFFLINE=0"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "HF_HUB_OFFLINE=1 " in done.stdout and "HF_HUB_OFFLINE=0" not in done.stdout, done.stdout

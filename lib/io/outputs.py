@@ -41,10 +41,16 @@ def style() -> None:
     )
 
 
-def _display(obj) -> None:
+def _display(obj, text: str) -> None:
+    """Show `obj` in a notebook; in plain Python (`python chapters/01_world.py`) print `text` instead, since
+    IPython's display would print the object's repr."""
     try:
+        from IPython import get_ipython
         from IPython.display import display
-    except ImportError:  # plain Python: nothing to show
+    except ImportError:
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(text)
         return
     display(obj)
 
@@ -70,10 +76,9 @@ class Outputs:
         plt.close(fig)
         try:
             from IPython.display import Image
-
-            _display(Image(filename=str(png)))
         except ImportError:
-            pass
+            Image = None
+        _display(Image(filename=str(png)) if Image else None, f"[figure {self.chapter}/{name}: {png.name}]")
 
     def table(self, df: pd.DataFrame, name: str, show: bool = True, float_format: str = "{:.3f}") -> None:
         """Save `df` as CSV (full precision) and show it rounded for reading."""
@@ -81,4 +86,6 @@ class Outputs:
         path = self.tables / f"{name}.csv"
         df.to_csv(path, index=False)
         if show:
-            _display(df.style.format(float_format, subset=df.select_dtypes("float").columns).hide(axis="index"))
+            floats = df.select_dtypes("float").columns
+            text = df.to_string(index=False, formatters={c: float_format.format for c in floats})
+            _display(df.style.format(float_format, subset=floats).hide(axis="index"), f"[table {name}]\n{text}")

@@ -65,8 +65,8 @@ from lib.io.book import (
 )
 from lib.io.book_check import PageProblem, check_book, check_outputs, scan_notebook
 
-# The kernels run offline and headless whatever the calling shell has set: nothing may come from the hub, wandb
-# must not try to log in, pip must not reach an index, matplotlib must not look for a display. Nor may a page show
+# The kernels run offline and headless: nothing comes from the hub unless the caller says so, wandb must not try to
+# log in, pip must not reach an index, matplotlib must not look for a display. Nor may a page show
 # a progress bar: TQDM_DISABLE turns off every tqdm bar whose caller does not pass `disable` itself (tqdm >= 4.66
 # reads TQDM_<ARG> as the default of <arg>), transformers' "Loading weights" among them;
 # HF_HUB_DISABLE_PROGRESS_BARS turns off the hub's bars and, read by transformers at import, its own as well.
@@ -83,6 +83,9 @@ KERNEL_ENV = {
 # not found" in a kernel without ipywidgets, in a line that shows the virtual environment's path; with the bars off
 # there is nothing for ipywidgets to draw, so that one warning, matched by its message, is ignored.
 KERNEL_WARNING_FILTERS = ("ignore:IProgress not found",)
+# KERNEL_ENV's defaults that a caller may override by setting the variable itself (to a non-empty value): the hub is
+# off unless the caller turns it on (`HF_HUB_OFFLINE=0 make book PROFILE=paper`, after `make download`, reaches it).
+CALLER_MAY_SET = ("HF_HUB_OFFLINE",)
 # How the runner tells a kernel where to write: the outputs root (read by lib/io/outputs.py) and the file
 # lib/io/cache.py appends one JSON line per artifact lookup to.
 OUTPUTS_ENV = "SPATIAL_BOOK_OUTPUTS"
@@ -180,6 +183,7 @@ def kernel_environment(root: Path, outputs: Path, cache_events: Path) -> Iterato
     """Set the kernels' environment (they inherit ours) and restore the caller's afterwards."""
     saved = dict(os.environ)
     os.environ.update(KERNEL_ENV)
+    os.environ.update({k: saved[k] for k in CALLER_MAY_SET if saved.get(k)})
     os.environ[OUTPUTS_ENV] = str(outputs)
     os.environ[CACHE_EVENTS_ENV] = str(cache_events)
     # The kernel's cwd is the root too, but PYTHONPATH also covers code that changes directory.

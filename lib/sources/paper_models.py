@@ -16,8 +16,10 @@ onto `transformers.LlavaForConditionalGeneration`, so the paper's model runs thr
 `mm_vision_select_layer -2` is `vision_feature_layer=-2`; `mm_vision_select_feature "patch"` (CLS dropped) is the
 "default" select strategy. When the checkpoint carries no tower weights, the tower is the CLIP model named by
 `mm_vision_tower` (`openai/clip-vit-large-patch14-336`), loaded from `clip=` (a local directory or a hub id). The CLIP
-directory is needed in both cases for the tower's config. (LLaVA-MORE's own loader always reloads the tower from
-`mm_vision_tower`; its tower was frozen in training, so both sources hold the same weights.)
+directory is needed in both cases for the tower's config. When the checkpoint carries tower weights too, the converter
+says which tower it uses and checks that the two agree (lib/sources/llava_tower.py: LLaVA-MORE's own loader reloads
+`mm_vision_tower` and ignores the checkpoint's copy). Original-LLaVA options the conversion does not implement
+(`mm_use_im_start_end: true`, an `mm_patch_merge_type` other than `flat`) are refused, naming the field.
 
 Prompts follow LLaVA-MORE's `llama_3_1` conversation: the Llama-3.1 chat template over
 [system: LLaVA-MORE's system prompt, user: "<image>\\n{question}"], with `add_generation_prompt=False` as in
@@ -44,6 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from lib.sources.llava_tower import choose_tower, first_disagreement
 
 LLAVA_MORE_ID = "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning"
 LLM_ID = "meta-llama/Llama-3.1-8B-Instruct"
@@ -144,6 +148,12 @@ _LLAMA_FIELDS = (
 )
 _REQUIRED_LLAMA = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# Original-LLaVA options with another value than LLaVA-MORE's change the image tokens; none is implemented here.
+# field -> (the only value converted, which is LLaVA's default when the field is absent; what the others would need)
+_UNSUPPORTED = {
+    "mm_use_im_start_end": (False, "<im_start>/<im_end> tokens around the image tokens are not implemented"),
+    "mm_patch_merge_type": ("flat", "LLaVA-NeXT's merged patch grids ('spatial', 'spatial_unpad') are not implemented"),
+}
 
 
 def llava_config(checkpoint: Path, vision_config, image_token_id: int):
@@ -168,6 +178,9 @@ def llava_config(checkpoint: Path, vision_config, image_token_id: int):
     for field, allowed in checks.items():
         if cfg.get(field) not in allowed:
             raise CheckpointError(f"{path}: field `{field}` = {cfg.get(field)!r}; expected one of {list(allowed)}")
+    for field, (converted, why) in _UNSUPPORTED.items():
+        if cfg.get(field, converted) != converted:
+            raise CheckpointError(f"{path}: field `{field}` = {cfg[field]!r}; expected {converted!r} ({why})")
     if cfg["mm_hidden_size"] != vision_config.hidden_size:
         raise CheckpointError(
             f"{path}: field `mm_hidden_size` = {cfg['mm_hidden_size']} but the vision tower's "
@@ -217,11 +230,37 @@ def _default_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def _clip_tower_state(clip_dir: Path, dtype) -> dict[str, torch.Tensor]:
+    """The vision tower of the CLIP model in `clip_dir` (a full CLIPModel or a CLIPVisionModel), as a state dict of
+    LlavaForConditionalGeneration's `model.vision_tower`."""
+    from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a full CLIPModel's text tower is 'unexpected' here, by design
+    try:
+        tower, info = CLIPVisionModel.from_pretrained(clip_dir, output_loading_info=True, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise CheckpointError(f"{clip_dir}: missing vision-tower key `{sorted(info['missing_keys'])[0]}`")
+    return tower.state_dict()
+
+
 @torch.no_grad()
 def convert_llava_more(
-    checkpoint: str | Path, clip: str | Path | None = None, *, image_token_id: int, device=None, dtype=None
+    checkpoint: str | Path,
+    clip: str | Path | None = None,
+    *,
+    image_token_id: int,
+    device=None,
+    dtype=None,
+    tower: str | None = None,
 ):
     """An HF `LlavaForConditionalGeneration` holding an original-layout LLaVA checkpoint's weights.
+
+    The vision tower is chosen as lib/sources/llava_tower.py says, and the choice printed; `tower="clip"` or
+    `tower="checkpoint"` overrides it.
 
     Every parameter of the HF model must come from the checkpoint (or, for the tower, from `clip`), with the right
     shape; the first missing or misshapen key raises one `CheckpointError` naming it. Unmapped checkpoint keys are
@@ -229,11 +268,13 @@ def convert_llava_more(
     memory is the model plus one tensor.
     """
     from safetensors import safe_open
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
     checkpoint = local_dir(checkpoint, "LLaVA checkpoint")
     device, dtype = _default_device_dtype(device, dtype)
-    clip_source = clip if clip is not None else read_json(checkpoint / "config.json").get("mm_vision_tower", CLIP_ID)
+    cfg = read_json(checkpoint / "config.json")
+    named = cfg.get("mm_vision_tower", CLIP_ID)
+    clip_source = clip if clip is not None else named
     clip_dir = local_dir(clip_source, "CLIP vision tower")
     vision_config = CLIPVisionConfig.from_pretrained(clip_dir)
     config = llava_config(checkpoint, vision_config, image_token_id)
@@ -241,6 +282,7 @@ def convert_llava_more(
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     params = dict(model.named_parameters())
     filled: set[str] = set()
+    stored: dict[str, torch.dtype] = {}  # the dtype each tensor had in the checkpoint
     unexpected: list[str] = []
     for shard in _shards(checkpoint):
         with safe_open(str(shard), framework="pt") as f:
@@ -259,26 +301,35 @@ def convert_llava_more(
                     )
                 params[name].copy_(tensor)
                 filled.add(name)
+                stored[name] = tensor.dtype
     if unexpected:
         raise CheckpointError(
             f"{checkpoint}: key `{unexpected[0]}` has no place in LlavaForConditionalGeneration "
             f"({len(unexpected)} such keys)"
         )
-    tower_params = {n for n in params if n.startswith("model.vision_tower.")}
-    if not tower_params & filled:
-        # No tower in the checkpoint: the CLIP model named by mm_vision_tower, loaded on its own.
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # a full CLIPModel's text tower is 'unexpected' here, by design
-        try:
-            tower, info = CLIPVisionModel.from_pretrained(clip_dir, output_loading_info=True, dtype=dtype)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if info["missing_keys"]:
-            raise CheckpointError(f"{clip_dir}: missing vision-tower key `{sorted(info['missing_keys'])[0]}`")
-        model.model.vision_tower.load_state_dict(tower.state_dict())
-        filled |= tower_params
+    ours = {n[len("model.vision_tower.") :]: p for n, p in params.items() if n.startswith("model.vision_tower.")}
+    tower_params, unfrozen = {f"model.vision_tower.{n}" for n in ours}, bool(cfg.get("unfreeze_mm_vision_tower"))
+    in_checkpoint = bool(tower_params & filled)
+    need_clip = not in_checkpoint or (tower or ("clip", "checkpoint")[unfrozen]) == "clip"  # to use or to compare
+    clip_state = _clip_tower_state(clip_dir, dtype) if need_clip else None
+    if not in_checkpoint or not tower_params - filled:  # a partial tower fails below, naming its first gap
+        compare = in_checkpoint and tower is None and clip_state is not None
+        stored_dtypes = {n[len("model.vision_tower.") :]: d for n, d in stored.items() if n in tower_params}
+        choice = choose_tower(
+            in_checkpoint=in_checkpoint,
+            unfrozen=unfrozen,
+            requested=tower,
+            checkpoint=str(checkpoint),
+            clip=str(clip_source),
+            named=str(named),
+            disagreement=first_disagreement(ours, stored_dtypes, clip_state) if compare else None,
+        )
+        if choice.source is None:
+            raise CheckpointError(choice.message)
+        print(choice.message)
+        if choice.source == "clip":
+            model.model.vision_tower.load_state_dict(clip_state)
+            filled |= tower_params
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = sorted(set(params) - filled - tied)
     if missing:
