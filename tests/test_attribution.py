@@ -90,9 +90,7 @@ def test_feature_metric_sums_projection_over_post_image_positions(vlm, batch):
 def test_mean_image_embedding_is_the_mean_over_image_positions(vlm):
     images = [s.scene.render() for s in world.make_samples(0, "reference", 5, qtypes=("statement",))]
     e = A.image_embeddings(vlm, vlm.preprocess(images))
-    torch.testing.assert_close(
-        T.mean_image_embedding(vlm, images, batch_size=2), e.mean(0), rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(T.mean_image_embedding(vlm, images, batch_size=2), e.mean(0), rtol=1e-12, atol=1e-12)
 
 
 def test_feature_rejects_bad_input(vlm):
