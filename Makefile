@@ -4,6 +4,8 @@
 #   make chapter CHAPTER=01_world      run one chapter (PROFILE=... as above; FORCE=1 re-executes unchanged ones)
 #   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE, and no
 #                                      executed page shows a machine path, warning, error or progress bar
+#   make adapt [PROFILE=default]       adapt the SAEs and compute their per-feature statistics on the profile's
+#                                      [distributed] processes (torchrun when more than one), before `make book`
 #   make organism [PROFILE=default]    train the organism on this CPU and export it to artifacts/ (+ provenance)
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make test                          unit tests and chapter smoke runs (no built book needed)
@@ -37,8 +39,8 @@ OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=disabled MPLBACKEND=Agg
 # The stamp depends on requirements.txt: editing it re-runs the install, a second `make install` does nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv install book html chapter check organism organism-verify test rendered lint format chromium clean \
-	clean-cache
+.PHONY: help venv install book html chapter check adapt organism organism-verify test rendered lint format chromium \
+	clean clean-cache
 
 help:
 	@awk '!/^#/ {exit} {sub(/^# ?/, ""); print}' Makefile
@@ -66,6 +68,11 @@ html: $(STAMP)
 chapter: $(STAMP)
 	@test -n "$(CHAPTER)" || { echo "usage: make chapter CHAPTER=01_world [PROFILE=$(PROFILE)]"; exit 2; }
 	$(OFFLINE) $(PY) -m lib.io.runner --profile $(PROFILE) --chapter $(CHAPTER) $(RUNNER_ARGS)
+
+# The steps that share the SAEs out over processes (lib/steps/distributed.py), run from a process that loads no
+# model: on GPUs every GPU then holds one model copy. The book reuses what they cache.
+adapt: $(STAMP)
+	$(OFFLINE) $(PY) -m lib.steps.distributed --profile $(PROFILE) --run adapted-saes feature-table spatial-stats
 
 organism: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE)

@@ -1,8 +1,9 @@
 """Distributed adaptation and statistics (lib/kernels/sae_sharding.py, sae_distributed.py, adaptation_distributed.py,
-stats_distributed.py) against the single process, on the tiny profile's organism.
+stats_distributed.py; lib/steps/distributed.py) against the single process, on the tiny profile's organism.
 
 The ranks are processes forked from the test (gloo on 127.0.0.1, a free port, every collective bounded by a
-120 s timeout), so they share the models and data the test built.
+120 s timeout), so they share the models and data the test built; the step-level test launches real torchrun
+workers through the profile and is marked slow (process start-up is most of its time on 2 cores).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lib.kernels import diffing
 from lib.kernels.activations import ActBatch
 from lib.kernels.adaptation import adapt_saes
 from lib.kernels.adaptation_distributed import adapt_saes_sharded
-from lib.kernels.sae import ADAPTATION_VARIANTS, SAESpec, load_saes
+from lib.kernels.sae import ADAPTATION_VARIANTS, load_saes
 from lib.kernels.sae_distributed import Shard, ShardTrainer
 from lib.kernels.sae_sharding import Block, ShardPlan, memory_per_rank, sae_params
 from lib.kernels.sae_training import TrainConfig
@@ -37,6 +38,7 @@ from lib.kernels.stats_distributed import (
     image_dependence_sharded,
     merge,
 )
+from lib.steps.saes import spec_of
 from lib.steps.study import Study
 
 N_STEPS = 100
@@ -142,9 +144,7 @@ def tiny(tmp_path_factory):
         pass
 
     t = Tiny()
-    cfg = base.saes[layers[0]].cfg
-    t.P, t.vlm, t.base, t.layers = P, vlm, base.saes, layers
-    t.spec = SAESpec(cfg.d_in, cfg.d_sae, int(cfg.k), bool(cfg.apply_b_dec_to_input))
+    t.P, t.vlm, t.base, t.layers, t.spec = P, vlm, base.saes, layers, spec_of(base.saes[layers[0]])
     t.adapt, t.heldout = [S.data.adapt[i] for i in range(len(S.data.adapt))], list(S.data.heldout)
     t.probe, t.probe_spatial = S.data.probe, S.data.probe_spatial
     t.cfg = TrainConfig(lr=P.sae.lr, num_threads=None)
@@ -298,3 +298,38 @@ def test_statistics_pass_on_three_processes_equals_the_single_process(tiny, sing
         pd.testing.assert_frame_equal(got, table, check_exact=False, rtol=TOLERANCE, atol=1e-9, obj=name)
         counts = [c for c in table.columns if c.startswith(("n_", "c_"))]
         pd.testing.assert_frame_equal(got[counts], table[counts], check_exact=True, obj=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The steps, launched with torchrun as the profile says
+
+
+@pytest.mark.slow
+def test_steps_on_two_torchrun_processes_match_one_process(tmp_path):
+    """`[distributed] processes = 2`: adapted-saes, feature-table and spatial-stats build with torchrun workers
+    (lib/steps/distributed.py) into the same artifact layout, with the same keys, within 1e-5 of one process."""
+    P = load_profile("tiny")
+    P2 = dataclasses.replace(P, distributed=dataclasses.replace(P.distributed, processes=2))
+    one, two = Study(P, Cache(tmp_path / "one")), Study(P2, Cache(tmp_path / "two"))
+    assert one.keys == two.keys
+    for name in ("adapted-saes", "feature-table", "spatial-stats"):
+        one.run(name), two.run(name)
+    a, b = one.adapted_saes, two.adapted_saes
+    files = lambda art: sorted(str(p.relative_to(art.path)) for p in art.path.rglob("*") if p.is_file())  # noqa: E731
+    assert files(a.artifact) == files(b.artifact)
+    worst = max(
+        rel_diff(getattr(a.saes[v][x], n).detach(), getattr(b.saes[v][x], n).detach())
+        for v in a.saes
+        for x in a.saes[v]
+        for n in PARAMS
+    )
+    assert worst <= TOLERANCE
+    info = json.loads((b.artifact / "info.json").read_text())
+    assert info["processes"] == 2 and info["backend"] == "gloo"
+    assert not list((tmp_path / "two" / "checkpoints").glob("adapted-saes-*sharded*"))
+    for name in ("feature-table", "spatial-stats"):
+        x, y = one.run(name), two.run(name)
+        assert list(x.columns) == list(y.columns) and len(x) == len(y)
+        num = x.select_dtypes("number").columns
+        rel = ((x[num] - y[num]).abs() / x[num].abs().clip(lower=1.0)).max().max()
+        assert rel <= 1e-4, (name, rel)

@@ -160,6 +160,7 @@ class Shard:
         gen = torch.Generator().manual_seed(seed)
         zeros_f, zeros_d = torch.zeros(spec.d_sae), torch.zeros(spec.d_in)
         for li, layer in enumerate(plan.layers):
+            base = None  # the layer's base SAE, read once and only if one of this rank's SAEs starts from it
             for vi, variant in enumerate(variants):
                 # Every fresh SAE draws, owned or not: the stream stays where a single-process bank has it.
                 W_dec_fd = fresh_decoder(spec, gen) if variant.init == "fresh" else None
@@ -168,10 +169,11 @@ class Shard:
                 g, bli, bvi = where[(li, vi)]
                 if W_dec_fd is not None:
                     banks[g]._set(bli, bvi, W_dec_fd.T, zeros_f, W_dec_fd, zeros_d)
-                elif base_saes is None or layer not in base_saes:
+                    continue
+                if base_saes is None or layer not in base_saes:
                     raise ValueError(f"Shard.create: variant {variant.name} starts from a base SAE of layer {layer}")
-                else:
-                    banks[g].load_sae(bli, bvi, base_saes[layer])
+                base = base_saes[layer] if base is None else base
+                banks[g].load_sae(bli, bvi, base)
         return cls(plan, rank, spec, dtype, [b.to(device=device, dtype=dtype) for b in banks])
 
     def owned(self):

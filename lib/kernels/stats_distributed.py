@@ -101,8 +101,9 @@ def feature_table_sharded(
             n_lm += batch.x_lnd.shape[1]
             for layer, v, row in owned:
                 sq_lm[(layer, v)] += saes[(layer, v)].encode(batch.x_lnd[row]).double().square().sum(0).cpu()
+    base = {layer: base_saes[layer] for layer in dict.fromkeys(x for x, _, _ in owned)}  # each read once
     frames = [
-        diffing.feature_rows(layer, v, base_saes[layer], saes[(layer, v)], stats[(layer, v)], sq_lm[(layer, v)], n_lm)
+        diffing.feature_rows(layer, v, base[layer], saes[(layer, v)], stats[(layer, v)], sq_lm[(layer, v)], n_lm)
         for layer, v, _ in owned
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
