@@ -8,6 +8,7 @@ workers through the profile and is marked slow (process start-up is most of its 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import socket
@@ -149,6 +150,7 @@ def tiny(tmp_path_factory):
     t.probe, t.probe_spatial = S.data.probe, S.data.probe_spatial
     t.cfg = TrainConfig(lr=P.sae.lr, num_threads=None)
     t.args = (vlm, base.saes, t.adapt, t.heldout, t.spec, t.cfg, layers, P.seed, EVAL_EVERY)
+    t.dtype = torch.float32
     return t
 
 
@@ -174,7 +176,7 @@ def _adapt_worker(rank, tiny, out: Path, checkpoint, die_at_forward) -> None:
 
         handle = A.decoder(tiny.vlm.model).register_forward_pre_hook(hook)
     try:
-        res = adapt_saes_sharded(*tiny.args, checkpoint=checkpoint, batch_size=tiny.P.sae.batch_size)
+        res = adapt_saes_sharded(*tiny.args, checkpoint=checkpoint, batch_size=tiny.P.sae.batch_size, dtype=tiny.dtype)
     except Killed:
         return
     finally:
@@ -247,6 +249,47 @@ def test_a_killed_distributed_run_resumes_bit_for_bit_and_on_other_ranks_within_
         assert _worst(single.bank, resumed) <= TOLERANCE
     files = sorted(p.name for p in ckpt.parent.iterdir())
     assert files == ["adapt.json", *[f"adapt.json.rank{r}-of-3.step100.safetensors" for r in range(3)]], files
+
+
+def test_bfloat16_saes_train_with_stochastic_rounding_and_resume_bit_for_bit(tiny, tmp_path):
+    """bfloat16 weights and Adam state (lib/kernels/bf16_adam.py): a 2-rank run killed at world batch 25 resumes
+    bit for bit, and the exported SAEs are float32 SAELens folders."""
+    bf16 = copy.copy(tiny)
+    bf16.dtype = torch.bfloat16
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    ckpt = tmp_path / "ckpt" / "adapt.json"
+    run_ranks(2, _adapt_worker, bf16, straight, None, None)
+    run_ranks(2, _adapt_worker, bf16, killed, ckpt, 3 + 25)
+    run_ranks(2, _adapt_worker, bf16, killed, ckpt, None)
+    a, b = _saes(straight, tiny.layers), _saes(killed, tiny.layers)
+    _assert_identical(a, b)
+    assert a["full"][0].W_enc.dtype == torch.float32
+
+
+def test_stochastic_rounding_is_unbiased_and_each_saes_noise_ignores_how_saes_are_stacked():
+    from lib.kernels.bf16_adam import StochasticBF16Adam, to_bf16_stochastic
+    from lib.kernels.sae import SAEBank, SAESpec, Variant
+
+    x = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of bfloat16's spacing above 1
+    assert torch.all(x.to(torch.bfloat16) == 1.0)  # round to nearest loses it
+    y = to_bf16_stochastic(x, torch.Generator().manual_seed(0)).float()
+    assert set(y.unique().tolist()) == {1.0, 1.0 + 2**-7} and abs(float(y.mean()) - float(x[0])) < 2e-5
+    spec = SAESpec(8, 16, 2)
+    variants = [Variant(n, "fresh", "all") for n in ("a", "b", "c")]
+    one = SAEBank.create(spec, [0], variants[1:2], seed=0).to(dtype=torch.bfloat16)
+    three = SAEBank.create(spec, [0], variants, seed=0).to(dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            src, dst = getattr(one, name), getattr(three, name)
+            index = (0, slice(None), 1) if name == "W_enc" else (0, 1)
+            dst[index] = src[(0, slice(None), 0) if name == "W_enc" else (0, 0)]
+            src.grad = torch.randn_like(src)
+            dst.grad = torch.zeros_like(dst)
+            dst.grad[index] = src.grad[(0, slice(None), 0) if name == "W_enc" else (0, 0)]
+    opt_one = StochasticBF16Adam([one], [[[7]]], 1e-3, (0.9, 0.999), 1e-8)
+    opt_three = StochasticBF16Adam([three], [[[6, 7, 8]]], 1e-3, (0.9, 0.999), 1e-8)
+    opt_one.step(), opt_three.step()
+    assert torch.equal(one.W_enc[0, :, 0], three.W_enc[0, :, 1]) and torch.equal(one.W_dec[0, 0], three.W_dec[0, 1])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -210,8 +210,10 @@ class DistributedConfig(Section):
 
     `processes` and `backend` change how a step runs, not what it computes: N processes give the single process's
     SAEs to 1e-5 (tests/test_distributed.py), not bit for bit (the SAEs of a rank are stacked differently, so float
-    sums run in another order). They are kept out of every cache key, so SAEs adapted on 8 GPUs serve a chapter run
-    on one; the artifact's info.json records how it was built. `dtype` changes the SAEs and is in the key."""
+    sums run in another order; in bfloat16 they agree to bfloat16's rounding). They are kept out of every cache key,
+    so SAEs adapted on 8 GPUs serve a chapter run on one; the artifact's info.json records how it was built. `dtype`
+    changes the SAEs and is in the key; bfloat16 SAEs train with stochastically rounded Adam steps
+    (lib/kernels/bf16_adam.py)."""
 
     processes: int = _f(1, lambda v: isinstance(v, int) and 1 <= v <= 1024, "an integer in [1, 1024]", execution=True)
     backend: str = _f("gloo", lambda v: v in ("gloo", "nccl"), "'gloo' (CPU) or 'nccl' (one GPU per process)", True)

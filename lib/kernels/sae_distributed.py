@@ -13,8 +13,9 @@ process trains it (lib/kernels/sae_training.py).
   seeded stream in bank order, so every rank replays the draws of the SAEs before its own).
 - `ShardTrainer`: the same interface as `StreamingTrainer` (so `sae_training.fit` drives it unchanged): one Adam
   step per world batch on the rank's own SAEs, the loss of each SAE the batch FVU over every token of the world
-  batch in its mask; held-out FVU computed where each SAE lives and gathered, so every rank holds the same
-  history; checkpoints sharded (below).
+  batch in its mask (computed in float32 whatever the SAEs' dtype; bfloat16 SAEs step with the stochastically
+  rounded Adam of lib/kernels/bf16_adam.py); held-out FVU computed where each SAE lives and gathered, so every
+  rank holds the same history; checkpoints sharded (below).
 
 No gradient or loss is ever reduced across ranks: the SAEs' parameters are disjoint and each one's loss needs
 only its own layer's activations, so the only communication is the activations in and the metrics out.
@@ -44,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lib.kernels.activations import ActBatch
+from lib.kernels.bf16_adam import StochasticBF16Adam
 from lib.kernels.sae import SAEBank, SAESpec, Variant, fresh_decoder
 from lib.kernels.sae_sharding import ShardPlan
 from lib.kernels.sae_training import (
@@ -204,9 +206,14 @@ class ShardTrainer:
     def __init__(self, shard: Shard, cfg: TrainConfig, group=None):
         self.shard, self.cfg, self.group = shard, cfg, group
         params = shard.parameters()
-        self.optimizer = (
-            torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True) if params else None
-        )
+        if not params:
+            self.optimizer = None
+        elif shard.dtype == torch.bfloat16:  # round-to-nearest would lose Adam's small steps (lib/kernels/bf16_adam.py)
+            V = len(shard.plan.variants)
+            ids = [[[li * V + vi for vi in b.variants] for li in b.layers] for b in shard.blocks]
+            self.optimizer = StochasticBF16Adam(shard.banks, ids, cfg.lr, cfg.betas, cfg.eps)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
         self.counters = Counters()
         self.history: list[dict] = []
         self.epoch_log: list[dict] = []
