@@ -72,7 +72,7 @@ chapter: $(STAMP)
 # The steps that share the SAEs out over processes (lib/steps/distributed.py), run from a process that loads no
 # model: on GPUs every GPU then holds one model copy. The book reuses what they cache.
 adapt: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.distributed --profile $(PROFILE) --run adapted-saes feature-table spatial-stats
+	$(OFFLINE) $(PY) -m lib.steps.distributed_run --profile $(PROFILE) --run adapted-saes feature-table spatial-stats
 
 organism: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE)

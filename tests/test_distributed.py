@@ -1,5 +1,6 @@
 """Distributed adaptation and statistics (lib/kernels/sae_sharding.py, sae_distributed.py, adaptation_distributed.py,
-stats_distributed.py; lib/steps/distributed.py) against the single process, on the tiny profile's organism.
+stats_distributed.py, bf16_adam.py; lib/steps/distributed.py, distributed_run.py) against the single process, on the
+tiny profile's organism.
 
 The ranks are processes forked from the test (gloo on 127.0.0.1, a free port, every collective bounded by a
 120 s timeout), so they share the models and data the test built; the step-level test launches real torchrun
@@ -348,9 +349,10 @@ def test_statistics_pass_on_three_processes_equals_the_single_process(tiny, sing
 
 
 @pytest.mark.slow
-def test_steps_on_two_torchrun_processes_match_one_process(tmp_path):
+def test_steps_on_two_torchrun_processes_match_one_process(tmp_path, monkeypatch):
     """`[distributed] processes = 2`: adapted-saes, feature-table and spatial-stats build with torchrun workers
     (lib/steps/distributed.py) into the same artifact layout, with the same keys, within 1e-5 of one process."""
+    monkeypatch.setenv("SPATIAL_DIST_TIMEOUT", "300")  # a hung collective fails the test in minutes, not an hour
     P = load_profile("tiny")
     P2 = dataclasses.replace(P, distributed=dataclasses.replace(P.distributed, processes=2))
     one, two = Study(P, Cache(tmp_path / "one")), Study(P2, Cache(tmp_path / "two"))

@@ -2,7 +2,7 @@
 builds its artifact with torchrun, the SAEs shared out over the processes (lib/kernels/sae_distributed.py).
 
 The parent (`launch`, called from the step's build) writes the profile as JSON and runs
-`torchrun --standalone --nproc-per-node N -m lib.steps.distributed --step NAME ...`. Each worker joins the process
+`torchrun --standalone --nproc-per-node N -m lib.steps.distributed_run --step NAME ...`. Each worker joins the process
 group (the profile's backend; NCCL gives each process its own GPU, `LOCAL_RANK`), opens a Study of the same profile
 on the same cache, resolves the step's upstream steps (rank 0 first, so that an upstream artifact is built once,
 then the others reuse it), and runs the step's `*_into(ctx, out)`, which writes into the parent's temporary
@@ -11,14 +11,13 @@ worker has exited 0, with the run's processes, backend and wall time in its info
 step with the tail of the workers' log. Upstream steps that are themselves distributed are resolved by the parent
 before it launches (each launches its own workers), so workers only ever reuse them.
 
-`python -m lib.steps.distributed --profile paper --run adapted-saes feature-table spatial-stats` (`make adapt`)
+`python -m lib.steps.distributed_run --profile paper --run adapted-saes feature-table spatial-stats` (`make adapt`)
 builds those steps in a process that holds no model, which on GPUs leaves every GPU to the workers: run it before
 `make book` when the book's own process would otherwise hold a model copy on the first GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,13 +26,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 
-from lib.io.cache import Cache, load_table, save_table
-from lib.io.profiles import load_profile, profile_dict
+from lib.io.cache import load_table, save_table
+from lib.io.profiles import profile_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNS_WITH = ("distributed.processes", "distributed.backend")  # what the distributed steps declare as runs_with
@@ -43,7 +41,6 @@ WORKERS = {
     "feature-table": ("lib.steps.features", "feature_table_into"),
     "spatial-stats": ("lib.steps.features", "spatial_stats_into"),
 }
-TIMEOUT_ENV = "SPATIAL_DIST_TIMEOUT"  # seconds a collective may wait (default one hour; the tests set less)
 LOG_TAIL = 60
 
 
@@ -79,7 +76,7 @@ def launch(ctx, out: Path) -> dict:
             "--standalone",
             f"--nproc-per-node={n}",
             "-m",
-            "lib.steps.distributed",
+            "lib.steps.distributed_run",
             "--step",
             name,
             "--profile",
@@ -123,64 +120,3 @@ def gather_table(part: pd.DataFrame, scratch: Path, order: Sequence[tuple], colu
     parts = [load_table(p) for r in range(world) if (p := scratch / f"part-{r}.parquet").exists()]
     shutil.rmtree(scratch)
     return merge(parts, order, columns)
-
-
-def _timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 3600)))
-
-
-def worker(step_name: str, profile: Path, cache_root: Path, out: Path, stores: Sequence[Path]) -> None:
-    """One torchrun worker of `launch` (module docstring)."""
-    import importlib
-
-    import torch
-    import torch.distributed as dist
-
-    from lib.steps.registry import STEPS
-    from lib.steps.study import Context, Study
-
-    P = load_profile(profile)
-    if P.distributed.backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(P.distributed.backend, timeout=_timeout())
-    try:
-        torch.set_num_threads(P.threads)
-        study = Study(P, Cache(cache_root, stores=tuple(stores)))
-        upstream = [a for a in STEPS[step_name].after if a not in WORKERS]
-        if dist.get_rank() == 0:
-            for a in upstream:
-                study.run(a)
-        dist.barrier()
-        for a in STEPS[step_name].after:
-            study.run(a)
-        module, function = WORKERS[step_name]
-        getattr(importlib.import_module(module), function)(Context(study, step_name), out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", required=True, help="a profile name, or the JSON a launch wrote")
-    parser.add_argument("--step", help="worker mode (torchrun): the step to build")
-    parser.add_argument("--cache", type=Path)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--stores", type=Path, nargs="*", default=[])
-    parser.add_argument(
-        "--run", nargs="+", help="parent mode: build these steps, launching workers as the profile says"
-    )
-    args = parser.parse_args(argv)
-    if args.step:
-        worker(args.step, Path(args.profile), args.cache, args.out, args.stores)
-        return
-    from lib.steps.study import Study
-
-    study = Study(args.profile)
-    for name in args.run or list(WORKERS):
-        study.run(name)
-    study.report()
-
-
-if __name__ == "__main__":
-    main()
