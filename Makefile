@@ -5,6 +5,8 @@
 #   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE, and no
 #                                      executed page shows a machine path, warning, error or progress bar
 #   make download PROFILE=paper        fetch the models, SAEs and datasets the profile names (DRY_RUN=1: the plan)
+#   make adapt [PROFILE=default]       adapt the SAEs and compute their per-feature statistics on the profile's
+#                                      [distributed] processes (torchrun when more than one), before `make book`
 #   make organism [PROFILE=default]    train the organism on this CPU and export it to artifacts/ (+ provenance)
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make test                          unit tests and chapter smoke runs (no built book needed)
@@ -69,8 +71,8 @@ LAB_ARGS ?=
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
 JUPYTEXT_DEFAULT_VIEWER := {"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"python": "Jupytext Notebook"}}}
 
-.PHONY: help venv install book html chapter check download organism organism-verify test rendered lint format chromium \
-	clean clean-cache lab lab-check
+.PHONY: help venv install book html chapter check download adapt organism organism-verify test rendered lint format \
+	chromium clean clean-cache lab lab-check
 
 help:
 	@awk '!/^#/ {exit} {sub(/^# ?/, ""); print}' Makefile
@@ -108,6 +110,10 @@ DRY_RUN ?=
 download: $(STAMP)
 	HF_HUB_OFFLINE=$(if $(filter file override,$(origin HF_HUB_OFFLINE)),0,$(HF_HUB_OFFLINE)) \
 		$(PY) -m lib.io.download --profile $(PROFILE) $(if $(filter 1,$(DRY_RUN)),--dry-run)
+# The steps that share the SAEs out over processes (lib/steps/distributed.py), run from a process that loads no
+# model: on GPUs every GPU then holds one model copy. The book reuses what they cache.
+adapt: $(STAMP)
+	$(OFFLINE) $(PY) -m lib.steps.distributed_run --profile $(PROFILE) --run adapted-saes feature-table spatial-stats
 
 organism: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE)

@@ -48,6 +48,7 @@ def paper_profile(tmp_path_factory):
     real["sae"] = {"batch_size": 4, "eval_every": 2}
     real["probing"] = {"top_n": 6, "n_random": 3}
     real["attribution"] = {"n_samples": 4, "batch_size": 4, "top_k": 1, "n_random": 1}
+    real["distributed"] = {"processes": 1, "backend": "gloo", "dtype": "float32"}  # one CPU process (no NCCL here)
     path = root / "paper-fake.toml"
     path.write_text(fakes.toml_text(real))
     return path

@@ -87,10 +87,11 @@ def test_every_setting_the_book_depends_on_is_written_in_the_profile_files():
         "referee": {f.name for f in dataclasses.fields(load_profile("default").referee)},
     }
     trained_base = {"expansion", "k", "base_pairs", "base_lr", "base_batch_size"}  # [paper] base_saes = "train"
-    for name in ("default", "tiny", "paper", "llava15"):
+    for name in available_profiles():
         raw = tomllib.loads((PROFILE_DIR / f"{name}.toml").read_text())
         P = load_profile(name)
-        for section in ("world", "lm", "tower", "vlm", "paper", "sae", "diffing", "probing", "attribution", "referee"):
+        sections = ("world", "lm", "tower", "vlm", "paper", "sae", "diffing", "probing", "attribution", "referee")
+        for section in (*sections, "distributed"):
             if getattr(P, section) is None:
                 continue
             skip = organism_only.get(section, set()) if P.paper is not None else set()
@@ -98,3 +99,26 @@ def test_every_setting_the_book_depends_on_is_written_in_the_profile_files():
                 skip = skip - trained_base
             missing = {f.name for f in dataclasses.fields(getattr(P, section))} - set(raw.get(section, {})) - skip
             assert not missing, f"{name}.toml [{section}] does not write {sorted(missing)}"
+
+
+def test_a_profile_round_trips_through_the_json_its_distributed_workers_read(tmp_path):
+    """lib/steps/distributed.py hands a profile (perhaps built in memory) to its torchrun workers as JSON."""
+    import dataclasses
+    import json
+
+    from lib.io.profiles import profile_dict
+
+    for name in available_profiles():
+        P = load_profile(name)
+        P = dataclasses.replace(P, sae=dataclasses.replace(P.sae, lr=3e-4))
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(profile_dict(P)))
+        assert load_profile(path) == P
+
+
+def test_distributed_section_is_checked(tmp_path):
+    text = BASE + '[world]\n[distributed]\nbackend = "mpi"\n'
+    with pytest.raises(ProfileError, match=r"distributed\.backend.*'gloo'"):
+        load_profile(_write(tmp_path, text))
+    with pytest.raises(ProfileError, match=r"distributed\.processes.*\[1, 1024\]"):
+        load_profile(_write(tmp_path, BASE + "[world]\n[distributed]\nprocesses = 0\n"))

@@ -21,7 +21,8 @@ def _other_values(value):
     if isinstance(value, float):
         return [value * 1.5, value / 2, value + 0.1, value - 0.1, 0.5]
     if isinstance(value, str):
-        # Named choices first (paper.format, paper.base_saes, the prompts' format strings), then generic edits.
+        # Named choices first (paper.format, paper.base_saes, the prompts' format strings, the distributed
+        # dtype and backend), then generic edits.
         choices = ["hf-llava", "qwen2-vl", "train", "release", "{image} {question}", "{caption} {question}"]
         return [
             *choices,
@@ -29,6 +30,9 @@ def _other_values(value):
             "full",
             "float32",
             "float16",
+            "bfloat16",
+            "nccl",
+            "gloo",
             "dev",
             value + "x",
             value.replace("{layer}", "{layer}x"),
@@ -148,6 +152,23 @@ def test_every_declared_field_exists_and_every_step_follows_declared_steps():
     fields |= {f"paper.{f.name}" for f in dataclasses.fields(load_profile("paper").paper)}
     for s in STEPS.values():
         assert set(s.reads) <= fields, f"{s.name} reads unknown fields {set(s.reads) - fields}"
+        assert set(s.runs_with) <= fields, f"{s.name} runs with unknown fields {set(s.runs_with) - fields}"
+
+
+def test_execution_settings_stay_out_of_keys_and_only_they_may():
+    """`distributed.processes` and `backend` change how the SAE steps run, not their result (tests/
+    test_distributed.py: equal to 1e-5): no key changes with them. A result-changing field cannot be declared so."""
+    from lib.steps.registry import step
+
+    runners = {s.name for s in STEPS.values() if "distributed.processes" in s.runs_with}
+    assert runners == {"adapted-saes", "feature-table", "spatial-stats"}
+    P = load_profile("default")
+    for field, value in (("processes", 4), ("backend", "nccl")):
+        P2 = dataclasses.replace(P, distributed=dataclasses.replace(P.distributed, **{field: value}))
+        assert step_keys(P2) == step_keys(P), field
+    with pytest.raises(ValueError, match="execution=True"):
+        step("no-such-step", reads=("seed",), runs_with=("sae.lr",))(lambda ctx: None)
+    assert "no-such-step" not in STEPS
 
 
 def test_changing_the_census_rebuilds_the_census_and_reuses_the_models(tmp_path):

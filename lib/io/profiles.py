@@ -11,6 +11,7 @@ words what passes it; `load_profile` turns any misspelt field, wrong type or out
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file, the field and what is allowed."""
 
 
-def _f(default, check, allowed: str):
-    """A dataclass field with a validity check and its description for error messages."""
+def _f(default, check, allowed: str, execution: bool = False):
+    """A dataclass field with a validity check and its description for error messages. `execution=True` marks a
+    setting that changes how a step runs, not what it computes (lib/steps/registry.py keeps it out of cache keys)."""
     kw = {"default_factory": lambda: default} if isinstance(default, (list, tuple)) else {"default": default}
-    return field(metadata={"check": check, "allowed": allowed}, **kw)
+    return field(metadata={"check": check, "allowed": allowed, "execution": execution}, **kw)
 
 
 def _int_in(default: int, lo: int, hi: int):
@@ -249,6 +251,24 @@ class RefereeConfig(Section):
 
 
 @dataclass(frozen=True)
+class DistributedConfig(Section):
+    """How the SAE steps run (lib/steps/distributed.py): on `processes` processes launched with torchrun, the
+    (layer, variant) SAEs shared out among them, over the torch.distributed `backend`; and the dtype of the SAEs'
+    weights and Adam state while they train (exported SAEs are float32 SAELens folders either way).
+
+    `processes` and `backend` change how a step runs, not what it computes: N processes give the single process's
+    SAEs to 1e-5 (tests/test_distributed.py), not bit for bit (the SAEs of a rank are stacked differently, so float
+    sums run in another order; in bfloat16 they agree to bfloat16's rounding). They are kept out of every cache key,
+    so SAEs adapted on 8 GPUs serve a chapter run on one; the artifact's info.json records how it was built. `dtype`
+    changes the SAEs and is in the key; bfloat16 SAEs train with stochastically rounded Adam steps
+    (lib/kernels/bf16_adam.py)."""
+
+    processes: int = _f(1, lambda v: isinstance(v, int) and 1 <= v <= 1024, "an integer in [1, 1024]", execution=True)
+    backend: str = _f("gloo", lambda v: v in ("gloo", "nccl"), "'gloo' (CPU) or 'nccl' (one GPU per process)", True)
+    dtype: str = _f("float32", lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -266,6 +286,7 @@ class Profile:
     probing: ProbingConfig = field(default_factory=ProbingConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     referee: RefereeConfig = field(default_factory=RefereeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if (self.world is None) == (self.paper is None):
@@ -297,10 +318,15 @@ _SECTION_TYPES = {
     "probing": ProbingConfig,
     "attribution": AttributionConfig,
     "referee": RefereeConfig,
+    "distributed": DistributedConfig,
 }
 
 
-def _section_type(name: str):
+SECTION_NAMES = tuple(_SECTION_TYPES)
+
+
+def section_type(name: str):
+    """The config class of a profile section (the organism's are imported on first use: they need torch)."""
     cls = _SECTION_TYPES[name]
     if isinstance(cls, str):
         from lib.sources import organism
@@ -345,18 +371,26 @@ def _build(cls, raw: dict, path: Path, prefix: str):
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
-    """Load `lib/profiles/<name>.toml` (or a path to any profile file) and validate every field."""
+    """Load `lib/profiles/<name>.toml` (or a path to any profile file, TOML or the JSON `profile_dict` writes) and
+    validate every field."""
     path = Path(name_or_path)
-    if path.suffix != ".toml":
+    if path.suffix not in (".toml", ".json"):
         path = PROFILE_DIR / f"{name_or_path}.toml"
     if not path.exists():
         raise ProfileError(
             f"no profile {str(name_or_path)!r} ({path} does not exist); available: {', '.join(available_profiles())}"
         )
+    if path.suffix == ".json":
+        raw = json.loads(path.read_text())
+        return _from_raw(raw, path, raw.pop("name", path.stem))
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    return _from_raw(raw, path, path.stem)
+
+
+def _from_raw(raw: dict, path: Path, name: str) -> Profile:
     top = {}
     for key, value in raw.items():
         if key not in _SECTIONS or key == "name":
@@ -364,9 +398,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
                 f"{path}: unknown field `{key}`; allowed: {', '.join(k for k in _SECTIONS if k != 'name')}"
             )
         if key in _SECTION_TYPES:
+            if value is None:  # a section the profile does not have (profile_dict writes it as null)
+                continue
             if not isinstance(value, dict):
                 raise ProfileError(f"{path}: field `{key}` must be a [{key}] table")
-            top[key] = _build(_section_type(key), value, path, f"{key}.")
+            top[key] = _build(section_type(key), value, path, f"{key}.")
         else:
             allowed = {"seed": "an integer", "description": "a string", "threads": "an integer >= 1"}[key]
             kind = {"seed": "int", "description": "str", "threads": "int"}[key]
@@ -377,9 +413,19 @@ def load_profile(name_or_path: str | Path) -> Profile:
         if required not in top:
             raise ProfileError(f"{path}: missing field `{required}`")
     try:
-        return Profile(name=path.stem, **top)
+        return Profile(name=name, **top)
     except ProfileError as e:
         raise ProfileError(f"{path}: {e}") from None
+
+
+def profile_dict(P: Profile) -> dict:
+    """Every field of a profile as plain JSON (`load_profile` reads it back from a .json file): how a profile built
+    in memory reaches the worker processes of a distributed step."""
+    out = {"name": P.name, "description": P.description, "seed": P.seed, "threads": P.threads}
+    for name in _SECTION_TYPES:
+        section = getattr(P, name)
+        out[name] = None if section is None else settings(section)
+    return out
 
 
 def settings(section) -> dict:

@@ -199,19 +199,25 @@ def feature_table(
                 for li, layer in enumerate(layers):
                     for v in adapted:
                         sq_lm[(layer, v)] += adapted[v][layer].encode(batch.x_lnd[li]).double().square().sum(0)
-    frames = []
-    for layer, v in keys:
-        base, sae = base_saes[layer], adapted[v][layer]
-        frame = weight_diff(base.W_dec.detach(), sae.W_dec.detach(), base.W_enc.detach(), sae.W_enc.detach())
-        frame = pd.concat([frame, stats[(layer, v)].frame()], axis=1)
-        if n_lm:
-            frame["visual_energy_raw"] = raw_visual_energy(
-                frame["mean_sq_vlm"].to_numpy(), (sq_lm[(layer, v)] / n_lm).numpy()
-            )
-        frame.insert(0, "variant", v)
-        frame.insert(0, "layer", layer)
-        frames.append(frame)
+    frames = [
+        feature_rows(layer, v, base_saes[layer], adapted[v][layer], stats[(layer, v)], sq_lm[(layer, v)], n_lm)
+        for layer, v in keys
+    ]
     return pd.concat(frames, ignore_index=True)
+
+
+def feature_rows(layer: int, variant: str, base, sae, stats: FeatureStats, sq_lm_f: torch.Tensor, n_lm: int):
+    """The feature table's rows of one SAE: weight diffs against its base SAE, its activation statistics, and (with
+    n_lm > 0 text-stream tokens) the raw second-moment visual energy."""
+    frame = weight_diff(
+        base.W_dec.detach().cpu(), sae.W_dec.detach().cpu(), base.W_enc.detach().cpu(), sae.W_enc.detach().cpu()
+    )
+    frame = pd.concat([frame, stats.frame()], axis=1)
+    if n_lm:
+        frame["visual_energy_raw"] = raw_visual_energy(frame["mean_sq_vlm"].to_numpy(), (sq_lm_f / n_lm).numpy())
+    frame.insert(0, "variant", variant)
+    frame.insert(0, "layer", layer)
+    return frame
 
 
 @torch.no_grad()

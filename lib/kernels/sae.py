@@ -177,7 +177,14 @@ class _SparseDecode(torch.autograd.Function):
         acts_Nk, rows_Nk, W_Rd = ctx.saved_tensors
         (N, k), R = rows_Nk.shape, W_Rd.shape[0]
         grad_acts = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and W_Rd.dtype not in (torch.float32, torch.float64):
+            # sampled_addmm has no bfloat16 kernel: gather each token's k rows, a bounded number of tokens at a time.
+            grad_acts = torch.empty_like(acts_Nk)
+            step = max(1, (1 << 24) // (k * W_Rd.shape[1]))
+            for lo in range(0, N, step):
+                rows = rows_Nk[lo : lo + step]
+                grad_acts[lo : lo + step] = torch.einsum("nkd,nd->nk", W_Rd[rows], g_Nd[lo : lo + step])
+        elif ctx.needs_input_grad[0]:
             with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is what we need
                 warnings.simplefilter("ignore", UserWarning)
                 pattern = torch.sparse_csr_tensor(
@@ -212,6 +219,13 @@ class Reconstruction(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------
 # The bank of SAEs
 # --------------------------------------------------------------------------------------------------------------
+
+
+def fresh_decoder(spec: SAESpec, gen: torch.Generator) -> torch.Tensor:
+    """A fresh SAE's decoder from the next draw of `gen`: random unit-norm rows (its encoder is the transpose)."""
+    W_dec_fd = torch.randn(spec.d_sae, spec.d_in, generator=gen)
+    W_dec_fd /= W_dec_fd.norm(dim=-1, keepdim=True)
+    return W_dec_fd
 
 
 class SAEBank(torch.nn.Module):
@@ -266,8 +280,7 @@ class SAEBank(torch.nn.Module):
         for li, layer in enumerate(bank.layers):
             for vi, variant in enumerate(bank.variants):
                 if variant.init == "fresh":
-                    W_dec_fd = torch.randn(spec.d_sae, spec.d_in, generator=gen)
-                    W_dec_fd /= W_dec_fd.norm(dim=-1, keepdim=True)
+                    W_dec_fd = fresh_decoder(spec, gen)
                     bank._set(li, vi, W_dec_fd.T, torch.zeros(spec.d_sae), W_dec_fd, torch.zeros(spec.d_in))
                 else:
                     if base_saes is None or layer not in base_saes:

@@ -275,6 +275,37 @@ class Counters:
     seq_in_epoch: int = 0  # data position: sequences consumed in the current epoch
 
 
+def history_rows(c: Counters, result: EvalResult) -> list[dict]:
+    """One history row per (layer, variant, split) of a held-out evaluation, stamped with the trainer's counters."""
+    return [
+        {
+            "step": c.step,
+            "epoch": c.epoch,
+            "n_tokens": c.n_tokens,
+            "n_forwards": c.n_forwards,
+            **r._asdict(),
+            "dead_frac": result.dead_frac[(r.layer, r.variant)],
+        }
+        for r in result.recon
+    ]
+
+
+def close_epoch(c: Counters, epoch_log: list[dict], n_saes: int) -> None:
+    """Append the finished epoch's row to `epoch_log` and move the counters to the next epoch."""
+    done = sum(row["n_forwards"] for row in epoch_log)
+    epoch_log.append(
+        {
+            "epoch": c.epoch,
+            "step": c.step,
+            "n_sequences": c.seq_in_epoch,
+            "n_forwards": c.n_forwards - done,
+            "n_saes": n_saes,
+        }
+    )
+    c.epoch += 1
+    c.seq_in_epoch = 0
+
+
 class StreamingTrainer:
     """Adam on all SAEs of a bank, one activation batch per step; resumable from a checkpoint.
 
@@ -315,34 +346,11 @@ class StreamingTrainer:
     def log_heldout(self, batches: Iterable[ActBatch]) -> EvalResult:
         """Evaluate on held-out batches and append the result to `history`."""
         result = evaluate_bank(self.bank, batches)
-        c = self.counters
-        for r in result.recon:
-            self.history.append(
-                {
-                    "step": c.step,
-                    "epoch": c.epoch,
-                    "n_tokens": c.n_tokens,
-                    "n_forwards": c.n_forwards,
-                    **r._asdict(),
-                    "dead_frac": result.dead_frac[(r.layer, r.variant)],
-                }
-            )
+        self.history += history_rows(self.counters, result)
         return result
 
     def end_epoch(self) -> None:
-        c = self.counters
-        done = sum(row["n_forwards"] for row in self.epoch_log)
-        self.epoch_log.append(
-            {
-                "epoch": c.epoch,
-                "step": c.step,
-                "n_sequences": c.seq_in_epoch,
-                "n_forwards": c.n_forwards - done,
-                "n_saes": len(self.bank.layers) * len(self.bank.variants),
-            }
-        )
-        c.epoch += 1
-        c.seq_in_epoch = 0
+        close_epoch(self.counters, self.epoch_log, len(self.bank.layers) * len(self.bank.variants))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

@@ -10,12 +10,14 @@ others). A reader can recompute any selection from this file alone.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 
 from lib.io.cache import load_table, save_table
 from lib.steps.data import data_reads
+from lib.steps.distributed import RUNS_WITH, gather_table, in_group, launch
 from lib.steps.registry import step
 
 # The thresholds that decide the flags (chapters 4 and 5); every step whose result depends on a flag reads them.
@@ -26,27 +28,46 @@ def _encoders(adapted, variant: str) -> dict:
     return {layer: sae.encode for layer, sae in adapted.saes[variant].items()}
 
 
+def _build_with(ctx, into):
+    """A distributed-capable step's build: torchrun workers when the profile asks for several processes (lib/steps/
+    distributed.py), this process otherwise. Never from inside a worker (each rank would write its own artifact)."""
+
+    def build(out):
+        if in_group():
+            raise RuntimeError(f"{ctx.step.name} must be built before a distributed step that follows it is launched")
+        return launch(ctx, out) if ctx.P.distributed.processes > 1 else into(ctx, out)
+
+    return build
+
+
 @step(
     "feature-table",
     after=("models", "base-saes", "adapted-saes"),
     reads=(*data_reads("heldout"), "threads", "sae.batch_size", "diffing.variant"),
+    runs_with=RUNS_WITH,
     version=3,  # 2: post-image image dependence; 3: the raw sums behind visual energy
 )
 def feature_table(ctx) -> pd.DataFrame:
     """One row per layer x variant x feature: weight diffs against the base SAE and activation statistics on the
     held-out VLM stream (lib.kernels.diffing.feature_table), plus, on the organism, the image dependence of the
     variant the book follows."""
+    return load_table(ctx.cached(_build_with(ctx, feature_table_into)) / "features.parquet")
+
+
+def feature_table_into(ctx, out: Path) -> None:
+    """Write the feature table into `out`; in a worker of a distributed step, each rank computes the rows of its
+    SAEs (lib.kernels.stats_distributed) and rank 0 writes them in the single process's order."""
     from lib.kernels import diffing
 
     P, vlm, D = ctx.P, ctx.up("models"), ctx.data
     base, adapted = ctx.up("base-saes"), ctx.up("adapted-saes")
-
-    def build(out):
+    organism = D.samples is not None  # the organism's ground truth: does the activation depend on image content?
+    n_ref = len(D.heldout) // 2  # the mean image comes from the other half of the held-out images
+    if not in_group():
         table = diffing.feature_table(
             vlm, base.saes, adapted.saes, D.heldout, D.heldout_text, batch_size=P.sae.batch_size
         )
-        if D.samples is not None:  # the organism's ground truth: does the activation depend on image content?
-            n_ref = len(D.heldout) // 2  # the mean image comes from the other half of the held-out images
+        if organism:
             dep = diffing.image_dependence(
                 vlm,
                 adapted.saes[P.diffing.variant],
@@ -54,32 +75,61 @@ def feature_table(ctx) -> pd.DataFrame:
                 [D.heldout[i][0] for i in range(n_ref)],
                 P.sae.batch_size,
             )
-            dep["variant"] = P.diffing.variant
-            table = table.merge(dep, on=["layer", "variant", "feature"], how="left")
-        save_table(out / "features.parquet", table)
+    else:
+        from lib.kernels import stats_distributed as SD
 
-    return load_table(ctx.cached(build) / "features.parquet")
+        layers, variants = sorted(base.saes), list(adapted.saes)
+        part = SD.feature_table_sharded(
+            vlm, base.saes, adapted.saes, D.heldout, D.heldout_text, batch_size=P.sae.batch_size
+        )
+        table = gather_table(part, out / ".parts", [(x, v) for v in variants for x in layers], ("layer", "variant"))
+        if organism:
+            part = SD.image_dependence_sharded(
+                vlm,
+                adapted.saes[P.diffing.variant],
+                D.heldout[n_ref:],
+                [D.heldout[i][0] for i in range(n_ref)],
+                P.sae.batch_size,
+            )
+            dep = gather_table(part, out / ".parts", [(x,) for x in layers], ("layer",))
+        if table is None:  # not rank 0: its rows are in rank 0's table
+            return
+    if organism:
+        dep["variant"] = P.diffing.variant
+        table = table.merge(dep, on=["layer", "variant", "feature"], how="left")
+    save_table(out / "features.parquet", table)
 
 
 @step(
     "spatial-stats",
     after=("models", "adapted-saes"),
     reads=(*data_reads("probe"), "threads", "sae.batch_size", "diffing.variant"),
+    runs_with=RUNS_WITH,
 )
 def spatial_stats(ctx) -> pd.DataFrame:
     """Fisher test per feature of the followed variant: firing on the text positions of spatial vs general
     questions (lib.kernels.spatial_stats)."""
+    return load_table(ctx.cached(_build_with(ctx, spatial_stats_into)) / "spatial.parquet")
+
+
+def spatial_stats_into(ctx, out: Path) -> None:
+    """Write the spatial table into `out` (in a worker: each rank counts for its layers; rank 0 writes)."""
     from lib.kernels import spatial_stats as SS
 
     P, vlm, D, adapted = ctx.P, ctx.up("models"), ctx.data, ctx.up("adapted-saes")
-
-    def build(out):
+    if not in_group():
         counts = SS.firing_counts(
             vlm, _encoders(adapted, P.diffing.variant), D.probe, D.probe_spatial, P.sae.batch_size
         )
         save_table(out / "spatial.parquet", SS.spatial_table(counts))
+        return
+    from lib.kernels.stats_distributed import firing_counts_sharded
 
-    return load_table(ctx.cached(build) / "spatial.parquet")
+    saes = adapted.saes[P.diffing.variant]
+    part = firing_counts_sharded(vlm, saes, D.probe, D.probe_spatial, P.sae.batch_size)
+    table = gather_table(part, out / ".parts", [(x,) for x in sorted(saes)], ("layer",))
+    if table is not None:
+        save_table(out / "spatial.parquet", table)
 
 
 def selection_table(P, features: pd.DataFrame, spatial: pd.DataFrame) -> tuple[pd.DataFrame, float]:

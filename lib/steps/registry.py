@@ -12,6 +12,11 @@ A step's function sees the profile only through `ctx.P`, a view that holds the d
 `UndeclaredRead` on any other, so a declaration that forgets a field fails loudly the first time the step runs
 (every step runs on the `tiny` profile in the chapter smoke tests).
 
+A step may also declare `runs_with=(...)`: fields that change how it runs, not what it computes (marked
+`execution=True` in lib/io/profiles.py, e.g. `distributed.processes`). The step reads them through its view like the
+others, but they are not hashed into its key: changing them re-keys nothing, and an artifact built one way is
+reused by a run configured the other way (the test of each such field is that it gives the same result).
+
 Field names: `seed`, `threads`, a whole section (`lm`) or one field of it (`sae.lr`). A field of a section the
 profile does not have (`paper.vlm` on the organism) reads as None: the key says which kind of profile it is.
 Versions are explicit integers, bumped by hand when a step's code changes what it computes. (A hash of the step's
@@ -26,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from lib.io.cache import make_key
-from lib.io.profiles import Profile, settings
+from lib.io.profiles import SECTION_NAMES, Profile, section_type, settings
 
 TOP_LEVEL = ("seed", "threads")
 
@@ -42,12 +47,21 @@ class Step(NamedTuple):
     after: tuple[str, ...]
     version: int
     cached: bool  # False: a step that loads or assembles (models, the selection); keyed, never stored
+    runs_with: tuple[str, ...] = ()  # execution settings it reads, not hashed into its key
 
 
 STEPS: dict[str, Step] = {}
 
 
-def step(name: str, *, reads: tuple[str, ...] = (), after: tuple[str, ...] = (), version: int = 1, cached=True):
+def step(
+    name: str,
+    *,
+    reads: tuple[str, ...] = (),
+    after: tuple[str, ...] = (),
+    version: int = 1,
+    cached=True,
+    runs_with: tuple[str, ...] = (),
+):
     """Register `fn(ctx)` as the step `name` (see the module docstring)."""
 
     def register(fn):
@@ -58,7 +72,9 @@ def step(name: str, *, reads: tuple[str, ...] = (), after: tuple[str, ...] = (),
             raise ValueError(f"step {name!r} follows undeclared steps {unknown} (declare them first)")
         for field in reads:
             _check_field_name(field, name)
-        STEPS[name] = Step(name, fn, tuple(dict.fromkeys(reads)), tuple(after), version, cached)
+        for field in runs_with:
+            _check_execution_field(field, name)
+        STEPS[name] = Step(name, fn, tuple(dict.fromkeys(reads)), tuple(after), version, cached, tuple(runs_with))
         return fn
 
     return register
@@ -71,6 +87,16 @@ def _check_field_name(field: str, step_name: str) -> None:
     types = {f.name: f for f in dataclasses.fields(Profile)}
     if head not in types or head in (*TOP_LEVEL, "name", "description"):
         raise ValueError(f"step {step_name!r} reads {field!r}: no such profile section")
+
+
+def _check_execution_field(field: str, step_name: str) -> None:
+    head, _, rest = field.partition(".")
+    known = {f.name: f for f in dataclasses.fields(section_type(head))} if head in SECTION_NAMES else {}
+    if rest not in known or not known[rest].metadata.get("execution"):
+        raise ValueError(
+            f"step {step_name!r} runs_with {field!r}: only fields marked execution=True in lib/io/profiles.py "
+            "(settings that cannot change a result) may stay out of a key"
+        )
 
 
 def read_value(P: Profile, field: str):

@@ -3,12 +3,16 @@ chosen from, their adaptation to the VLM in four variants, and held-out reconstr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from functools import cached_property, partial
+from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 
-from lib.io.cache import load_table, save_table
+from lib.io.cache import load_table, save_json, save_table
 from lib.steps.data import data_reads
+from lib.steps.distributed import RUNS_WITH, in_group, launch, wants_workers
 from lib.steps.registry import step
 
 PAPER_SAE_READS = ("paper.base_saes", "paper.sae_release", "paper.sae_id", "paper.topk")
@@ -16,6 +20,42 @@ PAPER_SAE_READS = ("paper.base_saes", "paper.sae_release", "paper.sae_id", "pape
 
 def sae_layers(P, vlm) -> list[int]:
     return list(P.sae.layers) or list(range(vlm.n_layers))
+
+
+class LazySAEs(Mapping):
+    """SAEs by layer, each loaded on first use: a process touches only the SAEs it reads (a worker of a distributed
+    step its own; the paper's 32 layers are 34 GB per variant). keep=False loads on every use and keeps nothing."""
+
+    def __init__(self, layers, load: Callable[[int], object], keep: bool = True):
+        self._layers, self._load, self._loaded, self._keep = tuple(layers), load, {}, keep
+
+    def __getitem__(self, layer: int):
+        if layer not in self._layers:
+            raise KeyError(layer)
+        if not self._keep:
+            return self._load(layer)
+        if layer not in self._loaded:
+            self._loaded[layer] = self._load(layer)
+        return self._loaded[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+def _load_one(root: Path, variant: str, layer: int):
+    from lib.kernels.sae import load_saes
+
+    return load_saes(root, [layer], variant)[layer]
+
+
+def spec_of(sae):
+    from lib.kernels.sae import SAESpec
+
+    cfg = sae.cfg
+    return SAESpec(cfg.d_in, cfg.d_sae, int(cfg.k), bool(cfg.apply_b_dec_to_input))
 
 
 class BaseSAEs(NamedTuple):
@@ -52,11 +92,12 @@ def base_saes(ctx) -> BaseSAEs:
         from lib.sources.paper_models import load_llama_scope_topk
 
         device = str(next(vlm.model.parameters()).device)
-        saes = {
-            layer: load_llama_scope_topk(layer, P.paper.topk, device, P.paper.sae_release, P.paper.sae_id)
-            for layer in layers
-        }
-        return BaseSAEs(saes, None, None, None)
+        load = partial(
+            load_llama_scope_topk, k=P.paper.topk, device=device, release=P.paper.sae_release, sae_id=P.paper.sae_id
+        )
+        # A worker of a distributed step reads each base SAE of its layers once (to initialise its SAEs, or for the
+        # weight diffs): keeping them would hold a GB per layer beside the SAEs being trained.
+        return BaseSAEs(LazySAEs(layers, load, keep=not in_group()), None, None, None)
     spec = SAESpec(vlm.d_model, P.sae.expansion * vlm.d_model, P.sae.k)
 
     def build(out):
@@ -134,62 +175,108 @@ def base_sae_sweep(ctx) -> pd.DataFrame | None:
     return load_table(ctx.cached(build) / "sweep.parquet")
 
 
-class Adapted(NamedTuple):
-    saes: dict  # variant -> layer -> SAELens SAE
-    bank: object  # the same SAEs as one lib.kernels.sae.SAEBank (evaluation in one pass)
-    history: pd.DataFrame
-    epoch_log: pd.DataFrame
-    artifact: object
+class Adapted:
+    """The adapted SAEs: `saes[variant][layer]` (SAELens SAEs, each loaded on first use), `bank` (all of them as one
+    lib.kernels.sae.SAEBank, built on first use: evaluation in one pass), the training history and epoch log."""
+
+    def __init__(self, saes: dict, history: pd.DataFrame, epoch_log: pd.DataFrame, artifact):
+        self.saes, self.history, self.epoch_log, self.artifact = saes, history, epoch_log, artifact
+
+    @cached_property
+    def bank(self):
+        from lib.kernels.sae import SAEBank
+
+        return SAEBank.from_saes(self.saes)
 
 
 @step(
     "adapted-saes",
     after=("models", "base-saes"),
-    reads=(*data_reads("adapt", "heldout"), "threads", "sae.layers", "sae.lr", "sae.batch_size", "sae.eval_every"),
+    reads=(
+        *data_reads("adapt", "heldout"),
+        "threads",
+        "sae.layers",
+        "sae.lr",
+        "sae.batch_size",
+        "sae.eval_every",
+        "distributed.dtype",
+    ),
+    runs_with=RUNS_WITH,
     version=2,  # 2: fresh variants no longer repeat the base SAEs' initial draw (adaptation.FRESH_SEED_OFFSET)
 )
 def adapted_saes(ctx) -> Adapted:
     """Every layer's base SAE fine-tuned on the VLM stream in the four variants, one pass, one forward per batch
-    for all layers and variants. Resumable: a killed build restarts from its checkpoint in the cache directory."""
+    for all layers and variants (on `[distributed] processes` processes, the SAEs shared out: lib/steps/
+    distributed.py). Resumable: a killed build restarts from its checkpoint in the cache directory."""
+    from lib.kernels.sae import ADAPTATION_VARIANTS
+
+    def build(out):
+        if in_group():
+            raise RuntimeError("adapted-saes must be built before a distributed step that follows it is launched")
+        return launch(ctx, out) if wants_workers(ctx.P) else adapt_into(ctx, out)
+
+    art = ctx.cached(build)
+    layers = sorted(int(p.name[1:]) for p in (art / "saes").iterdir() if p.name.startswith("L"))
+    saes = {v.name: LazySAEs(layers, partial(_load_one, art / "saes", v.name)) for v in ADAPTATION_VARIANTS}
+    return Adapted(saes, load_table(art / "history.parquet"), load_table(art / "epoch_log.parquet"), art)
+
+
+def _first_own_layer(layers: list[int]) -> int:
+    """A layer whose base SAE this process reads anyway (its own first, in a worker), to take the SAEs' shape from."""
+    if not in_group():
+        return layers[0]
+    import torch.distributed as dist
+
+    from lib.kernels.sae import ADAPTATION_VARIANTS
+    from lib.kernels.sae_sharding import ShardPlan
+
+    plan = ShardPlan(tuple(layers), tuple(v.name for v in ADAPTATION_VARIANTS), dist.get_world_size())
+    rows = plan.rows(dist.get_rank())
+    return layers[rows[0]] if rows else layers[0]
+
+
+def adapt_into(ctx, out: Path) -> dict:
+    """Write the adapted SAEs, their history and epoch log into `out`: in this process, or, in a worker of a
+    distributed step, this rank's SAEs (rank 0 writes the tables)."""
+    import torch
+
     from lib.kernels.adaptation import adapt_saes
-    from lib.kernels.sae import ADAPTATION_VARIANTS, SAEBank, SAESpec, load_saes
     from lib.kernels.sae_training import TrainConfig
 
     P, vlm, D, base = ctx.P, ctx.up("models"), ctx.data, ctx.up("base-saes")
     layers = sae_layers(P, vlm)
-    any_sae = base.saes[layers[0]]
-    spec = SAESpec(any_sae.cfg.d_in, any_sae.cfg.d_sae, int(any_sae.cfg.k), bool(any_sae.cfg.apply_b_dec_to_input))
+    spec = spec_of(base.saes[_first_own_layer(layers)])
+    cfg = TrainConfig(lr=P.sae.lr, num_threads=P.threads)
     checkpoint = ctx.checkpoint()
-
-    def build(out):
+    if not in_group():
         res = adapt_saes(
-            vlm,
-            base.saes,
-            D.adapt,
-            D.heldout,
-            spec,
-            TrainConfig(lr=P.sae.lr, num_threads=P.threads),
-            layers,
-            P.seed,
-            P.sae.eval_every,
-            checkpoint,
+            vlm, base.saes, D.adapt, D.heldout, spec, cfg, layers, P.seed, P.sae.eval_every, checkpoint,
             batch_size=P.sae.batch_size,
-        )
+        )  # fmt: skip
         res.bank.save_saes(out / "saes")
         save_table(out / "history.parquet", res.history)
         save_table(out / "epoch_log.parquet", res.epoch_log)
         checkpoint.unlink(missing_ok=True)
         return {"forwards_per_epoch": res.forwards_per_epoch}
+    import torch.distributed as dist
 
-    art = ctx.cached(build)
-    saes = {v.name: load_saes(art / "saes", layers, v.name) for v in ADAPTATION_VARIANTS}
-    return Adapted(
-        saes,
-        SAEBank.from_saes(saes),
-        load_table(art / "history.parquet"),
-        load_table(art / "epoch_log.parquet"),
-        art,
-    )
+    from lib.kernels.adaptation_distributed import adapt_saes_sharded
+    from lib.kernels.sae_distributed import remove_checkpoint
+
+    sharded = checkpoint.with_name(checkpoint.stem + "-sharded.json")
+    res = adapt_saes_sharded(
+        vlm, base.saes, D.adapt, D.heldout, spec, cfg, layers, P.seed, P.sae.eval_every, sharded,
+        batch_size=P.sae.batch_size, dtype=getattr(torch, P.distributed.dtype),
+    )  # fmt: skip
+    res.shard.save_saes(out / "saes")
+    dist.barrier()
+    info = {"forwards_per_epoch": res.forwards_per_epoch}
+    if dist.get_rank() == 0:
+        save_table(out / "history.parquet", res.history)
+        save_table(out / "epoch_log.parquet", res.epoch_log)
+        save_json(out / "info.json", info)
+        remove_checkpoint(sharded)
+    return info
 
 
 @step(

@@ -21,7 +21,7 @@ class Context:
 
     def __init__(self, study: Study, name: str):
         self.study, self.step = study, STEPS[name]
-        self.P = ProfileView(study.P, self.step.reads, name)
+        self.P = ProfileView(study.P, self.step.reads + self.step.runs_with, name)
         self.key = study.keys[name]
 
     def up(self, name: str):
