@@ -197,6 +197,7 @@ def matched_random(scores: pd.DataFrame, chosen: pd.Series, n: int = 1, seed: in
     """For each chosen row, `n` other rows of the same layer (and variant) with the nearest firing rates: the
     control a reference feature's score is read against. `scores` has layer, firing_rate (and variant)."""
     rng = np.random.default_rng(seed)
+    chosen = pd.Series(np.asarray(chosen, dtype=bool), index=scores.index)
     group = ["variant", "layer"] if "variant" in scores else ["layer"]
     picks = []
     for _, rows in scores.groupby(group):
