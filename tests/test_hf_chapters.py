@@ -61,6 +61,7 @@ def profiles(tmp_path_factory) -> dict:
         profile["sae"] = {"batch_size": 4, "eval_every": 2, "expansion": 2, "k": 8, "base_pairs": 32}
         profile["probing"] = {"top_n": 6, "n_random": 3}
         profile["attribution"] = {"n_samples": 4, "batch_size": 4, "top_k": 1, "n_random": 1}
+        profile["distributed"] = {"processes": 1, "backend": "gloo", "dtype": "float32"}  # one CPU process here
         paths[name] = root / f"{name}.toml"
         paths[name].write_text(fakes.toml_text(profile))
     return paths
