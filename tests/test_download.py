@@ -26,10 +26,10 @@ def scope_files(layer: int) -> tuple[str, ...]:
 
 
 def test_plan_for_the_paper_profile(tmp_path):
-    """Every identifier of lib/profiles/paper.toml, the Llama Scope release mapped through SAELens' directory to its
-    repository and the two files per layer its loader reads; COCO (not on the hub) to fetch by hand; no size known
-    offline. (`tmp_path` as the root: no captions file there.)"""
-    items = CLI.profile_plan(load_profile("paper"), tmp_path)
+    """Every identifier of lib/profiles/paper-1gpu.toml (the paper on one GPU: two layers), the Llama Scope release
+    mapped through SAELens' directory to its repository and the two files per layer its loader reads; COCO (not on
+    the hub) to fetch by hand; no size known offline. (`tmp_path` as the root: no captions file there.)"""
+    items = CLI.profile_plan(load_profile("paper-1gpu"), tmp_path)
     got = [(i.field, i.kind, i.source, i.status, i.repo_type) for i in items]
     assert got == [
         ("paper.vlm", "model", "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning", D.HUB, "model"),
@@ -131,7 +131,7 @@ def test_sizes_come_from_the_hubs_file_lists(tmp_path):
         "lmms-lab/VQAv2": {"data/validation-00000-of-00002.parquet": 600, "data/test-00000-of-00001.parquet": 900},
         "cambridgeltl/vsr_random": {"train.jsonl": 4, "dev.jsonl": 2, "test.jsonl": 3, "README.md": 1},
     })  # fmt: skip
-    items = D.with_sizes(CLI.profile_plan(load_profile("paper"), tmp_path), hub)
+    items = D.with_sizes(CLI.profile_plan(load_profile("paper-1gpu"), tmp_path), hub)
     by = {(i.field, i.what): i for i in items}
     vlm = by["paper.vlm", "LLaVA-MORE checkpoint (original LLaVA layout) and tokenizer"]
     assert vlm.size == 8012 and len(vlm.allow) == 5
@@ -150,7 +150,7 @@ def test_sizes_come_from_the_hubs_file_lists(tmp_path):
 
 def test_fetch_refuses_while_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    items = CLI.profile_plan(load_profile("paper"), tmp_path)
+    items = CLI.profile_plan(load_profile("paper-1gpu"), tmp_path)
     with pytest.raises(D.DownloadError, match=r"HF_HUB_OFFLINE is on, so nothing can be downloaded: run `HF_HUB_OFF"):
         D.fetch(items)
     assert CLI.main(["--profile", "paper"]) == 2
@@ -174,7 +174,7 @@ def test_fetch_downloads_each_hub_item_the_way_the_book_reads_it(tmp_path, monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)) or "/snap")
     monkeypatch.setattr(PD, "load_vqav2", lambda src, **kw: calls.append((src, kw)) or [0] * 3)
     monkeypatch.setattr(PD, "load_vsr", lambda src, split: calls.append((src, {"split": split})) or [0] * 2)
-    items = CLI.profile_plan(load_profile("paper"), tmp_path)
+    items = CLI.profile_plan(load_profile("paper-1gpu"), tmp_path)
     done = D.fetch(items, log=lambda line: None)
     assert [c[0] for c in calls] == [
         "aimagelab/LLaVA_MORE-llama_3_1-8B-finetuning",
