@@ -258,8 +258,8 @@ print("of them lexical:", [f"L{r.layer}F{r.feature}" for r in final_cf[final_cf.
 # %% [markdown]
 # Each dot is one feature at one reading: how far the object swap (x) and the word swap (y) move it, relative to
 # its mean activation. Below the dotted lines a swap does not move it; above the dashed line the word swap moves
-# it ten times as far as the object swap, and the feature reads the words, not the image (`LexicalRule`: a ratio
-# of ten, an order of magnitude; the printed counts show how many features change class at half or twice that).
+# it `LexicalRule.ratio` times as far as the object swap (the ratio is printed above, with how many features change
+# class at half or twice it), and the feature reads the words, not the image.
 # On the diagonal sit features that both swaps move alike: they follow the answer, which both swaps flip.
 
 # %%
