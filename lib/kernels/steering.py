@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lib.kernels.adapter import VLM, Batch, capture, decoder, iter_batches, next_token_logits
+from lib.kernels.attention import last_token_bs
 from lib.names import resid_name
 
 Positions = Literal["post_image", "answer"]
@@ -61,9 +62,7 @@ def steer_positions(batch: Batch, where: Positions) -> Tensor:
     assert where in ("post_image", "answer"), f"positions must be 'post_image' or 'answer', got {where!r}"
     if where == "post_image":
         return batch.post_image_bs
-    out_bs = torch.zeros_like(batch.attention_mask_bs)
-    out_bs[torch.arange(out_bs.shape[0]), batch.lengths_b.to(out_bs.device) - 1] = True
-    return out_bs
+    return last_token_bs(batch)
 
 
 class _Tail:

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from lib.kernels.adapter import VLM, capture, prepare
+from lib.kernels.attention import last_token_bs
 from lib.kernels.ground_truth import auroc_table
 from lib.names import resid_name
 from lib.sources import world as W
@@ -68,12 +69,6 @@ def occupancy_code(samples: Sequence[W.Sample]) -> np.ndarray:
     return code
 
 
-def _answer_bs(batch) -> torch.Tensor:
-    out = torch.zeros_like(batch.attention_mask_bs)
-    out[torch.arange(out.shape[0]), batch.lengths_b.to(out.device) - 1] = True
-    return out
-
-
 @torch.no_grad()
 def position_states(vlm: VLM, samples: Sequence[W.Sample], batch_size: int = 64) -> dict[str, np.ndarray]:
     """Residual stream after every block, per position class: {position: (n, l, d)} (float32)."""
@@ -84,7 +79,7 @@ def position_states(vlm: VLM, samples: Sequence[W.Sample], batch_size: int = 64)
         batch = prepare(vlm, [s.scene.render() for s in chunk], [s.question for s in chunk])
         resid = capture(vlm, batch, resid_layers=layers).resid
         x_lbsd = torch.stack([resid[resid_name(l)].float() for l in layers])
-        answer_bs = _answer_bs(batch)
+        answer_bs = last_token_bs(batch)
         masks = {"image": batch.image_mask_bs, "question": batch.post_image_bs & ~answer_bs, "answer": answer_bs}
         for name, m_bs in masks.items():
             w_bs = m_bs.float()
@@ -158,7 +153,7 @@ def answer_codes(vlm: VLM, saes: Mapping, samples: Sequence[W.Sample], batch_siz
         chunk = samples[lo : lo + batch_size]
         batch = prepare(vlm, [s.scene.render() for s in chunk], [s.question for s in chunk])
         resid = capture(vlm, batch, resid_layers=layers).resid
-        answer_bs = _answer_bs(batch)
+        answer_bs = last_token_bs(batch)
         for key, sae in saes.items():
             x_nd = resid[resid_name(key[1])][answer_bs]
             out[key].append(sae.encode(x_nd.to(sae.dtype)).float().cpu().numpy())
