@@ -105,13 +105,6 @@ def referee_table(
     return pd.DataFrame(out)
 
 
-def precision_recall(selected: pd.Series, reference: pd.Series) -> tuple[float, float, int]:
-    """Precision and recall of a selection against the reference set, and how many it found."""
-    sel, ref = selected.to_numpy(bool), reference.to_numpy(bool)
-    hit = int((sel & ref).sum())
-    return (hit / sel.sum() if sel.sum() else np.nan), (hit / ref.sum() if ref.sum() else np.nan), hit
-
-
 def dropped_by(table: pd.DataFrame, eps: float, cos_max: float, min_odds: float, min_delta: float) -> pd.Series:
     """The first of the paper's filters (in pipeline order) each row fails, or None (lib.kernels.ground_truth)."""
     return first_failed_filter(table, Thresholds(eps, cos_max, min_odds, min_delta))
