@@ -51,6 +51,7 @@ from lib.io.cache import load_json
 from lib.io.outputs import Outputs
 from lib.kernels import adaptation as AD
 from lib.kernels.activations import vlm_batches
+from lib.kernels.sae import SAEBank
 from lib.steps.saes import sae_layers
 from lib.steps.study import Study
 
@@ -199,18 +200,19 @@ out.figure(FG.plot_reconstruction_gap(table), "reconstruction_gap")
 
 # %% [markdown]
 # ## The saved SAEs are plain SAELens SAEs
-# One adapted SAE reloaded with `sae_lens.SAE.load_from_disk` encodes held-out activations as the SAE object the
-# chapter used, to float32 rounding (the printed largest difference).
+# One adapted SAE reloaded with `sae_lens.SAE.load_from_disk` encodes held-out activations as the book's batched
+# SAE bank (`lib.kernels.sae.SAEBank`, which adaptation trains) does, to float32 rounding (the printed largest
+# difference).
 
 # %%
 layer = layers[-1]
 path = adapted.artifact / "saes" / f"L{layer}" / "text-only"
-reloaded = SAE.load_from_disk(path).requires_grad_(False)
-batch = next(vlm_batches(vlm, D.heldout, P.sae.batch_size, layers))
-li, vi = adapted.bank.index(layer, "text-only")
-ours = adapted.bank.encode(batch.x_lnd)
-z_ref = reloaded.encode(batch.x_lnd[li])
-z_ours = torch.zeros_like(z_ref).scatter_(1, ours.idx_lnvk[li, :, vi], ours.acts_lnvk[li, :, vi])
+reloaded = SAE.load_from_disk(path, device=adapted.device).requires_grad_(False)
+batch = next(vlm_batches(vlm, D.heldout, P.sae.batch_size, [layer]))
+one = SAEBank.from_saes({"text-only": {layer: adapted.saes["text-only"][layer]}}).to(adapted.device)
+ours = one.encode(batch.x_lnd)
+z_ref = reloaded.encode(batch.x_lnd[0])
+z_ours = torch.zeros_like(z_ref).scatter_(1, ours.idx_lnvk[0, :, 0], ours.acts_lnvk[0, :, 0])
 print(
     f"{path.relative_to(adapted.artifact.path.parent)}: hook {reloaded.cfg.metadata.hook_name}, "
     f"max |z_ours - z_saelens| = {float((z_ours - z_ref).detach().abs().max()):.2e}"

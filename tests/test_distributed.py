@@ -27,7 +27,7 @@ from lib.io.profiles import load_profile
 from lib.kernels import adapter as A
 from lib.kernels import diffing
 from lib.kernels.activations import ActBatch
-from lib.kernels.adaptation import adapt_saes
+from lib.kernels.adaptation import adapt_saes, reconstruction_table
 from lib.kernels.adaptation_distributed import adapt_saes_sharded
 from lib.kernels.sae import ADAPTATION_VARIANTS, load_saes
 from lib.kernels.sae_distributed import Shard, ShardTrainer
@@ -39,6 +39,8 @@ from lib.kernels.stats_distributed import (
     firing_counts_sharded,
     image_dependence_sharded,
     merge,
+    reconstruction_order,
+    reconstruction_sharded,
 )
 from lib.steps.saes import spec_of
 from lib.steps.study import Study
@@ -149,6 +151,7 @@ def tiny(tmp_path_factory):
     t.P, t.vlm, t.base, t.layers, t.spec = P, vlm, base.saes, layers, spec_of(base.saes[layers[0]])
     t.adapt, t.heldout = [S.data.adapt[i] for i in range(len(S.data.adapt))], list(S.data.heldout)
     t.probe, t.probe_spatial = S.data.probe, S.data.probe_spatial
+    t.heldout_text = list(S.data.heldout_text)
     t.cfg = TrainConfig(lr=P.sae.lr, num_threads=None)
     t.args = (vlm, base.saes, t.adapt, t.heldout, t.spec, t.cfg, layers, P.seed, EVAL_EVERY)
     t.dtype = torch.float32
@@ -306,13 +309,15 @@ def _stats_worker(rank, tiny, saes: dict, out: Path) -> None:
             tiny.vlm, saes[variant], tiny.heldout[n_ref:], [p[0] for p in tiny.heldout[:n_ref]], 8
         ),
         "spatial": firing_counts_sharded(tiny.vlm, saes[variant], tiny.probe, tiny.probe_spatial, 8),
+        "reconstruction": reconstruction_sharded(tiny.vlm, tiny.base, saes, tiny.heldout, tiny.heldout_text, 8),
     }
     for name, part in parts.items():
         part.to_parquet(out / f"{name}-{rank}.parquet")
 
 
 def test_statistics_pass_on_three_processes_equals_the_single_process(tiny, single, tmp_path):
-    """Visual energy and firing frequencies, image dependence and spatial firing counts of the same SAEs: every
+    """Visual energy and firing frequencies, image dependence, spatial firing counts and held-out reconstruction
+    (base SAEs and adapted variants shared out together) of the same SAEs: every
     rank's rows, ordered by `merge`, equal the single-process tables to 1e-5 (each SAE's sums run on one rank over
     the world batch in the single process's token order, so they would be equal bit for bit but for the model: its
     forward on a micro-batch, padded to its own longest sequence, differs from the world batch's in the last bit
@@ -329,15 +334,19 @@ def test_statistics_pass_on_three_processes_equals_the_single_process(tiny, sing
         ),
         "spatial": spatial_table(firing_counts(tiny.vlm, {x: saes["text-only"][x].encode for x in layers},
                                                tiny.probe, tiny.probe_spatial, 8)),
+        "reconstruction": reconstruction_table(tiny.vlm, tiny.base, single.bank, tiny.heldout, tiny.heldout_text,
+                                               batch_size=8),
     }  # fmt: skip
     order = {
         "features": ([(x, v) for v in variants for x in layers], ("layer", "variant")),
         "dependence": ([(x,) for x in layers], ("layer",)),
         "spatial": ([(x,) for x in layers], ("layer",)),
+        "reconstruction": (reconstruction_order(layers, variants), ("stream", "layer", "sae")),
     }
     for name, table in expected.items():
         parts = [p for p in read(name) if len(p)]
-        assert len(parts) == (3 if name == "features" else 2), name  # 2 layers x 1 variant: the third rank owns none
+        # 2 layers x 1 variant: the third rank owns none; every other pass shares more than 3 SAEs out
+        assert len(parts) == (2 if name in ("dependence", "spatial") else 3), name
         got = merge(parts, *order[name])
         pd.testing.assert_frame_equal(got, table, check_exact=False, rtol=TOLERANCE, atol=1e-9, obj=name)
         counts = [c for c in table.columns if c.startswith(("n_", "c_"))]
@@ -350,14 +359,15 @@ def test_statistics_pass_on_three_processes_equals_the_single_process(tiny, sing
 
 @pytest.mark.slow
 def test_steps_on_two_torchrun_processes_match_one_process(tmp_path, monkeypatch):
-    """`[distributed] processes = 2`: adapted-saes, feature-table and spatial-stats build with torchrun workers
-    (lib/steps/distributed.py) into the same artifact layout, with the same keys, within 1e-5 of one process."""
+    """`[distributed] processes = 2`: adapted-saes, feature-table, spatial-stats and reconstruction build with
+    torchrun workers (lib/steps/distributed.py) into the same artifact layout, with the same keys, within 1e-5 of
+    one process."""
     monkeypatch.setenv("SPATIAL_DIST_TIMEOUT", "300")  # a hung collective fails the test in minutes, not an hour
     P = load_profile("tiny")
     P2 = dataclasses.replace(P, distributed=dataclasses.replace(P.distributed, processes=2))
     one, two = Study(P, Cache(tmp_path / "one")), Study(P2, Cache(tmp_path / "two"))
     assert one.keys == two.keys
-    for name in ("adapted-saes", "feature-table", "spatial-stats"):
+    for name in ("adapted-saes", "feature-table", "spatial-stats", "reconstruction"):
         one.run(name), two.run(name)
     a, b = one.adapted_saes, two.adapted_saes
     files = lambda art: sorted(str(p.relative_to(art.path)) for p in art.path.rglob("*") if p.is_file())  # noqa: E731
@@ -372,7 +382,7 @@ def test_steps_on_two_torchrun_processes_match_one_process(tmp_path, monkeypatch
     info = json.loads((b.artifact / "info.json").read_text())
     assert info["processes"] == 2 and info["backend"] == "gloo"
     assert not list((tmp_path / "two" / "checkpoints").glob("adapted-saes-*sharded*"))
-    for name in ("feature-table", "spatial-stats"):
+    for name in ("feature-table", "spatial-stats", "reconstruction"):
         x, y = one.run(name), two.run(name)
         assert list(x.columns) == list(y.columns) and len(x) == len(y)
         num = x.select_dtypes("number").columns

@@ -22,8 +22,9 @@ def _other_values(value):
         return [value * 1.5, value / 2, value + 0.1, value - 0.1, 0.5]
     if isinstance(value, str):
         # Named choices first (paper.format, paper.base_saes, the prompts' format strings, the distributed
-        # dtype and backend), then generic edits.
+        # dtype and backend, the organism's caption instructions), then generic edits.
         choices = ["hf-llava", "qwen2-vl", "train", "release", "{image} {question}", "{caption} {question}"]
+        choices += ["generic", "describe"]
         return [
             *choices,
             "image",
@@ -158,10 +159,11 @@ def test_every_declared_field_exists_and_every_step_follows_declared_steps():
 def test_execution_settings_stay_out_of_keys_and_only_they_may():
     """`distributed.processes` and `backend` change how the SAE steps run, not their result (tests/
     test_distributed.py: equal to 1e-5): no key changes with them. A result-changing field cannot be declared so."""
+    from lib.steps.distributed import WORKERS
     from lib.steps.registry import step
 
     runners = {s.name for s in STEPS.values() if "distributed.processes" in s.runs_with}
-    assert runners == {"adapted-saes", "feature-table", "spatial-stats"}
+    assert runners == set(WORKERS) >= {"adapted-saes", "feature-table", "spatial-stats", "reconstruction"}
     P = load_profile("default")
     for field, value in (("processes", 4), ("backend", "nccl")):
         P2 = dataclasses.replace(P, distributed=dataclasses.replace(P.distributed, **{field: value}))

@@ -266,7 +266,8 @@ def adapt_saes(
 
 
 @torch.no_grad()
-def _sae_reconstruct(sae: SAE, x_nd: torch.Tensor) -> torch.Tensor:
+def sae_reconstruct(sae: SAE, x_nd: torch.Tensor) -> torch.Tensor:
+    """A SAELens SAE's reconstruction of x, computed where the SAE lives, returned where x lives, in float32."""
     return sae.decode(sae.encode(x_nd.to(sae.device, sae.dtype))).to(x_nd.device, torch.float32)
 
 
@@ -284,7 +285,7 @@ def _recon_stats(
     vi = [bank.index(layers[0], v)[1] for v in variant_names]
     for batch in batches:
         x_lnd = batch.x_lnd
-        base_lnd = torch.stack([_sae_reconstruct(base[layer], x_lnd[li]) for li, layer in enumerate(layers)])
+        base_lnd = torch.stack([sae_reconstruct(base[layer], x_lnd[li]) for li, layer in enumerate(layers)])
         x_hat_lnvd = bank(x_lnd.to(bank.W_enc.device)).x_hat_lnvd[:, :, vi]
         x_hat_lnvd = (x_hat_lnvd / bank.act_scale_lv[:, None, vi, None]).to(x_lnd.device)
         acc.update(x_lnd, torch.cat([base_lnd[:, :, None], x_hat_lnvd], dim=2), batch.image_mask_n)
@@ -331,13 +332,18 @@ def reconstruction_table(
             [text_variant],
         ),
     }
+    return recon_frame(streams)
+
+
+def recon_frame(streams: Mapping[str, Sequence[ReconStats]]) -> pd.DataFrame:
+    """`reconstruction_table`'s rows from each stream's statistics (a split with no tokens has no row)."""
     rows = [
         {**s._asdict(), "sae": s.variant, "stream": stream}
         for stream, stats in streams.items()
         for s in stats
         if s.n_tokens > 0
     ]
-    return pd.DataFrame(rows)[list(TABLE_COLUMNS)]
+    return pd.DataFrame(rows, columns=[*ReconStats._fields, "sae", "stream"])[list(TABLE_COLUMNS)]
 
 
 def summary_table(table: pd.DataFrame, stream: str = "vlm") -> pd.DataFrame:

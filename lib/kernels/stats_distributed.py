@@ -90,11 +90,7 @@ def feature_table_sharded(
             stats[(layer, v)].update(saes[(layer, v)].encode(batch.x_lnd[row]), batch.image_mask_n)
     n_lm = 0
     if heldout_text_pairs is not None:
-
-        def harvest_text(a: int, b: int) -> ActBatch:
-            chunk = [heldout_text_pairs[i] for i in range(a, b)]
-            return next(lm_batches(vlm, chunk, b - a, layers, device=device))
-
+        harvest_text = _text_harvester(vlm, heldout_text_pairs, layers, device)
         for batch in world_batches(
             harvest_text, len(heldout_text_pairs), batch_size, rows_by_rank, len(layers), vlm.d_model, group=group
         ):
@@ -224,3 +220,66 @@ def firing_counts_sharded(
             z_nf = own[layer].encode(batch.x_lnd[row]).float().cpu()
             counts.setdefault(layer, FiringCounts(z_nf.shape[1])).update(z_nf, batch.image_mask_n.cpu())
     return spatial_table(counts) if counts else pd.DataFrame()
+
+
+@torch.no_grad()
+def reconstruction_sharded(
+    vlm: A.VLM,
+    base_saes: Mapping[int, SAE],
+    adapted: Mapping[str, Mapping[int, SAE]],
+    heldout_pairs: Sequence[tuple[Any, str]],
+    heldout_text_pairs: Sequence[tuple[str, str]],
+    batch_size: int = 8,
+    text_variant: str = "text-only",
+    device=None,
+    group=None,
+) -> pd.DataFrame:
+    """`adaptation.reconstruction_table`'s rows of the SAEs this rank owns: the base SAE of every layer and each
+    variant of `adapted` are shared out as one bank of (layer, sae) pairs, so no rank holds more than its share (at
+    the paper's 32 layers the whole bank is about 137 GB). Each owner keeps its own `ReconAccumulator` over the world
+    batch's tokens; on the LM stream the owners of the base and `text_variant` SAEs count. Order every rank's rows
+    with `merge(parts, reconstruction_order(...), ("stream", "layer", "sae"))`."""
+    from lib.kernels.adaptation import recon_frame, sae_reconstruct
+    from lib.kernels.sae import BASE
+    from lib.kernels.sae_training import ReconAccumulator
+
+    layers, names = sorted(base_saes), [BASE.name, *adapted]
+    plan, rank, device = _plan(layers, names, group, device)
+    rows_by_rank = [plan.rows(r) for r in range(plan.n_ranks)]
+    owned = _owned(plan, rank)
+    saes = {(x, s): _on(base_saes[x] if s == BASE.name else adapted[s][x], device) for x, s, _ in owned}
+    streams = {
+        "vlm": (vlm_harvester(vlm, heldout_pairs, layers, device), len(heldout_pairs), names),
+        "lm": (_text_harvester(vlm, heldout_text_pairs, layers, device), len(heldout_text_pairs),
+               [BASE.name, text_variant]),
+    }  # fmt: skip
+    out = {}
+    for stream, (harvest, n_items, counted) in streams.items():
+        mine = [(x, s, row) for x, s, row in owned if s in counted]
+        acc = {(x, s): ReconAccumulator([x], [s], vlm.d_model) for x, s, _ in mine}
+        for batch in world_batches(harvest, n_items, batch_size, rows_by_rank, len(layers), vlm.d_model, group=group):
+            for x, s, row in mine:
+                x_nd = batch.x_lnd[row]
+                x_hat = sae_reconstruct(saes[(x, s)], x_nd)
+                acc[(x, s)].update(x_nd[None], x_hat[None, :, None], batch.image_mask_n.to(x_nd.device))
+        out[stream] = [r for a in acc.values() for r in a.result()]
+    return recon_frame(out)
+
+
+def reconstruction_order(layers: Sequence[int], variants: Sequence[str], text_variant: str = "text-only"):
+    """(stream, layer, sae) in the order `reconstruction_table` writes its rows."""
+    from lib.kernels.sae import BASE
+
+    return [
+        *(("vlm", x, s) for x in sorted(layers) for s in (BASE.name, *variants)),
+        *(("lm", x, s) for x in sorted(layers) for s in (BASE.name, text_variant)),
+    ]
+
+
+def _text_harvester(vlm: A.VLM, pairs: Sequence[tuple[str, str]], layers: Sequence[int], device):
+    """`harvest_micro` for (caption, question) pairs through the base LM, every layer."""
+
+    def harvest_micro(a: int, b: int) -> ActBatch:
+        return next(lm_batches(vlm, [pairs[i] for i in range(a, b)], b - a, layers, device=device))
+
+    return harvest_micro

@@ -11,7 +11,8 @@ worker has exited 0, with the run's processes, backend and wall time in its info
 step with the tail of the workers' log. Upstream steps that are themselves distributed are resolved by the parent
 before it launches (each launches its own workers), so workers only ever reuse them.
 
-`python -m lib.steps.distributed_run --profile paper --run adapted-saes feature-table spatial-stats` (`make adapt`)
+`python -m lib.steps.distributed_run --profile paper --run adapted-saes reconstruction feature-table spatial-stats`
+(`make adapt`)
 builds those steps in a process that holds no model, which on GPUs leaves every GPU to the workers: run it before
 `make book` when the book's own process would otherwise hold a model copy on the first GPU.
 """
@@ -40,6 +41,7 @@ WORKERS = {
     "adapted-saes": ("lib.steps.saes", "adapt_into"),
     "feature-table": ("lib.steps.features", "feature_table_into"),
     "spatial-stats": ("lib.steps.features", "spatial_stats_into"),
+    "reconstruction": ("lib.steps.saes", "reconstruction_into"),
 }
 LOG_TAIL = 60
 

@@ -1,8 +1,10 @@
 """The command line of the distributed steps (lib/steps/distributed.py), a module no step imports so that
 `python -m` runs it once:
 
-    python -m lib.steps.distributed_run --profile paper --run adapted-saes feature-table spatial-stats   # make adapt
-    torchrun --standalone --nproc-per-node N -m lib.steps.distributed_run --step NAME --profile P.json ...  # a worker
+    # make adapt:
+    python -m lib.steps.distributed_run --profile paper --run adapted-saes reconstruction feature-table spatial-stats
+    # a worker:
+    torchrun --standalone --nproc-per-node N -m lib.steps.distributed_run --step NAME --profile P.json ...
 
 The first builds the steps from a process that loads no model (launching torchrun workers as the profile says); the
 second is what `distributed.launch` starts on every process.

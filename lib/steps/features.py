@@ -19,13 +19,10 @@ from lib.io.cache import load_table, save_table
 from lib.steps.data import data_reads
 from lib.steps.distributed import RUNS_WITH, gather_table, in_group, launch
 from lib.steps.registry import step
+from lib.steps.saes import encoders
 
 # The thresholds that decide the flags (chapters 4 and 5); every step whose result depends on a flag reads them.
 FLAG_READS = ("diffing.variant", "diffing.eps", "diffing.q", "probing.min_odds", "probing.min_delta")
-
-
-def _encoders(adapted, variant: str) -> dict:
-    return {layer: sae.encode for layer, sae in adapted.saes[variant].items()}
 
 
 def _build_with(ctx, into):
@@ -119,7 +116,7 @@ def spatial_stats_into(ctx, out: Path) -> None:
     P, vlm, D, adapted = ctx.P, ctx.up("models"), ctx.data, ctx.up("adapted-saes")
     if not in_group():
         counts = SS.firing_counts(
-            vlm, _encoders(adapted, P.diffing.variant), D.probe, D.probe_spatial, P.sae.batch_size
+            vlm, encoders(adapted.saes[P.diffing.variant]), D.probe, D.probe_spatial, P.sae.batch_size
         )
         save_table(out / "spatial.parquet", SS.spatial_table(counts))
         return
@@ -177,7 +174,7 @@ def lexical(ctx) -> Lexical:
     def build(out):
         res = LX.lexical_filter(
             vlm,
-            _encoders(adapted, P.diffing.variant),
+            encoders(adapted.saes[P.diffing.variant]),
             keys,
             D.probe,
             P.probing.top_n,
@@ -281,7 +278,7 @@ def ground_truth_activations(ctx):
 
     def build(out):
         m = GT.feature_activations_under_prompts(
-            vlm, _encoders(adapted, P.diffing.variant), keys, D.ground_truth, batch_size=P.sae.batch_size
+            vlm, encoders(adapted.saes[P.diffing.variant]), keys, D.ground_truth, batch_size=P.sae.batch_size
         )
         save_tensors(out / "acts.safetensors", {"acts_sf": m.acts_sf.contiguous()})
 

@@ -99,8 +99,24 @@ def table(profile: str = "paper") -> str:
         f"the activations of its layers for a world batch ({s['batch_size']} sequences of at most {s['n_image']} "
         f'+ {TEXT_TOKENS} tokens) and of the encoder pre-activations of its largest block of SAEs. "Layers that '
         f'fit": the most layers (4 variants each) whose bank fits on that many GPUs of {GPU_BYTES // 10**9} GB.',
+        "",
+        _evaluation_note(s),
     ]
     return "\n".join(lines)
+
+
+def _evaluation_note(s: dict) -> str:
+    """The passes after adaptation (statistics, held-out reconstruction) hold weights only, shared out the same way."""
+    n = s["processes"]
+    plan = SS.ShardPlan(tuple(range(s["n_layers"])), tuple(str(v) for v in range(N_VARIANTS + 1)), n)
+    per = max(len(plan.owned(r)) for r in range(n))
+    weights = per * SS.sae_params(s["d_in"], s["d_sae"]) * BYTES["float32"]
+    return (
+        f"The passes after adaptation hold the SAEs' float32 weights only (no gradients, no Adam state), shared out "
+        f"the same way; the largest, the held-out reconstruction, shares out each layer's base SAE with its "
+        f"{N_VARIANTS} variants: {s['n_layers'] * (N_VARIANTS + 1)} SAEs, at most {per} per GPU on the profile's "
+        f"{n} GPUs ({weights / 1e9:,.1f} GB)."
+    )
 
 
 def write(path: Path, profile: str = "paper") -> None:

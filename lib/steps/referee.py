@@ -10,6 +10,7 @@ from lib.io.cache import load_table, save_table
 from lib.steps.data import data_reads
 from lib.steps.features import FLAG_READS
 from lib.steps.registry import step
+from lib.steps.saes import encoders
 
 TRUTH_READS = (*data_reads("relation"), "threads", "sae.batch_size")
 
@@ -110,12 +111,11 @@ def referee_lexical(ctx) -> pd.DataFrame:
     table = ctx.up("selection").table
     keys = feature_keys(R.union_candidates(table, _candidates(P, table)[1]))
     prompts = LX.PAPER_GENERIC_PROMPTS if P.paper is not None else W.GENERIC_PROMPTS
-    encoders = {layer: sae.encode for layer, sae in adapted.saes[P.diffing.variant].items()}
 
     def build(out):
         res = LX.lexical_filter(
             vlm,
-            encoders,
+            encoders(adapted.saes[P.diffing.variant]),
             keys,
             D.probe,
             P.probing.top_n,

@@ -24,10 +24,7 @@ from lib.io.cache import load_table, save_table
 from lib.steps.data import data_reads
 from lib.steps.features import FLAG_READS, selection_table
 from lib.steps.registry import step
-
-
-def _encoders(saes_by_layer) -> dict:
-    return {layer: sae.encode for layer, sae in saes_by_layer.items()}
+from lib.steps.saes import encoders
 
 
 class LexicalVocab(NamedTuple):
@@ -65,7 +62,7 @@ def lexical_vocab(ctx) -> LexicalVocab | None:
     def build(out):
         res = LX.lexical_filter(
             vlm,
-            _encoders(adapted.saes[P.diffing.variant]),
+            encoders(adapted.saes[P.diffing.variant]),
             keys,
             D.probe,
             P.probing.top_n,
@@ -117,7 +114,7 @@ def counterfactual(ctx) -> Counterfactual | None:
         n = len(twins.original)
         readout = CF.twin_readout(
             vlm,
-            _encoders(adapted.saes[P.diffing.variant]),
+            encoders(adapted.saes[P.diffing.variant]),
             [*twins.original, *twins.image, *twins.word],
             batch_size=P.sae.batch_size,
         )
@@ -149,7 +146,7 @@ def base_relation_scores(ctx) -> pd.DataFrame | None:
 
     def build(out):
         samples = D.relation
-        codes = EM.text_answer_codes(vlm, _encoders(base.saes), samples, batch_size=P.sae.batch_size)
+        codes = EM.text_answer_codes(vlm, encoders(base.saes), samples, batch_size=P.sae.batch_size)
         save_table(out / "scores.parquet", EM.relation_table(codes, relation_labels(samples)))
 
     return load_table(ctx.cached(build) / "scores.parquet")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from lib.io.cache import load_table, save_json, save_table
 from lib.steps.data import data_reads
-from lib.steps.distributed import RUNS_WITH, in_group, launch, wants_workers
+from lib.steps.distributed import RUNS_WITH, gather_table, in_group, launch, wants_workers
 from lib.steps.registry import step
 
 PAPER_SAE_READS = ("paper.base_saes", "paper.sae_release", "paper.sae_id", "paper.topk")
@@ -45,10 +45,25 @@ class LazySAEs(Mapping):
         return len(self._layers)
 
 
-def _load_one(root: Path, variant: str, layer: int):
+def _load_one(root: Path, variant: str, device: str, layer: int):
     from lib.kernels.sae import load_saes
 
-    return load_saes(root, [layer], variant)[layer]
+    return load_saes(root, [layer], variant, device=device)[layer]
+
+
+def model_device(vlm) -> str:
+    """Where the SAEs of a study live: with the VLM whose activations they read."""
+    return str(next(vlm.model.parameters()).device)
+
+
+def encoders(saes_by_layer: Mapping) -> dict:
+    """Each layer's SAE encoder, the SAE loaded when the encoder is first called (a kernel that reads a few layers
+    of the paper's 32 loads a few SAEs, not 34 GB)."""
+    return {layer: partial(_encode, saes_by_layer, layer) for layer in saes_by_layer}
+
+
+def _encode(saes_by_layer: Mapping, layer: int, x):
+    return saes_by_layer[layer].encode(x)
 
 
 def spec_of(sae):
@@ -91,7 +106,7 @@ def base_saes(ctx) -> BaseSAEs:
     if P.paper is not None and P.paper.base_saes == "release":
         from lib.sources.paper_models import load_llama_scope_topk
 
-        device = str(next(vlm.model.parameters()).device)
+        device = model_device(vlm)
         load = partial(
             load_llama_scope_topk, k=P.paper.topk, device=device, release=P.paper.sae_release, sae_id=P.paper.sae_id
         )
@@ -179,14 +194,17 @@ class Adapted:
     """The adapted SAEs: `saes[variant][layer]` (SAELens SAEs, each loaded on first use), `bank` (all of them as one
     lib.kernels.sae.SAEBank, built on first use: evaluation in one pass), the training history and epoch log."""
 
-    def __init__(self, saes: dict, history: pd.DataFrame, epoch_log: pd.DataFrame, artifact):
+    def __init__(self, saes: dict, history: pd.DataFrame, epoch_log: pd.DataFrame, artifact, device: str = "cpu"):
         self.saes, self.history, self.epoch_log, self.artifact = saes, history, epoch_log, artifact
+        self.device = device
 
     @cached_property
     def bank(self):
+        """Every layer and variant in one bank, on the SAEs' device (a single process's evaluation; a distributed
+        step never builds it: at the paper's 32 layers it is about 137 GB)."""
         from lib.kernels.sae import SAEBank
 
-        return SAEBank.from_saes(self.saes)
+        return SAEBank.from_saes(self.saes).to(self.device)
 
 
 @step(
@@ -217,8 +235,10 @@ def adapted_saes(ctx) -> Adapted:
 
     art = ctx.cached(build)
     layers = sorted(int(p.name[1:]) for p in (art / "saes").iterdir() if p.name.startswith("L"))
-    saes = {v.name: LazySAEs(layers, partial(_load_one, art / "saes", v.name)) for v in ADAPTATION_VARIANTS}
-    return Adapted(saes, load_table(art / "history.parquet"), load_table(art / "epoch_log.parquet"), art)
+    device = model_device(ctx.up("models"))
+    saes = {v.name: LazySAEs(layers, partial(_load_one, art / "saes", v.name, device)) for v in ADAPTATION_VARIANTS}
+    tables = [load_table(art / f"{name}.parquet") for name in ("history", "epoch_log")]
+    return Adapted(saes, *tables, art, device)
 
 
 def _first_own_layer(layers: list[int]) -> int:
@@ -283,18 +303,39 @@ def adapt_into(ctx, out: Path) -> dict:
     "reconstruction",
     after=("models", "base-saes", "adapted-saes"),
     reads=(*data_reads("heldout"), "threads", "sae.batch_size"),
+    runs_with=RUNS_WITH,
 )
 def reconstruction(ctx) -> pd.DataFrame:
-    """Held-out FVU / normalised MSE by token split: base vs each variant, on the VLM and the LM text streams."""
-    from lib.kernels.adaptation import reconstruction_table
-
-    P, vlm, D = ctx.P, ctx.up("models"), ctx.data
-    base, adapted = ctx.up("base-saes"), ctx.up("adapted-saes")
+    """Held-out FVU / normalised MSE by token split: base vs each variant, on the VLM and the LM text streams (on
+    `[distributed] processes` processes, the base and adapted SAEs shared out like adaptation's)."""
 
     def build(out):
+        if in_group():
+            raise RuntimeError("reconstruction must be built before a distributed step that follows it is launched")
+        return launch(ctx, out) if ctx.P.distributed.processes > 1 else reconstruction_into(ctx, out)
+
+    return load_table(ctx.cached(build) / "table.parquet")
+
+
+def reconstruction_into(ctx, out: Path) -> None:
+    """Write the reconstruction table into `out`; in a worker, each rank the rows of its SAEs, rank 0 the table."""
+    P, vlm, D = ctx.P, ctx.up("models"), ctx.data
+    base, adapted = ctx.up("base-saes"), ctx.up("adapted-saes")
+    if not in_group():
+        from lib.kernels.adaptation import reconstruction_table
+
         table = reconstruction_table(
             vlm, base.saes, adapted.bank, D.heldout, D.heldout_text, batch_size=P.sae.batch_size
         )
-        save_table(out / "table.parquet", table)
+    else:
+        from lib.kernels.stats_distributed import reconstruction_order, reconstruction_sharded
 
-    return load_table(ctx.cached(build) / "table.parquet")
+        layers = sorted(base.saes)
+        part = reconstruction_sharded(
+            vlm, base.saes, adapted.saes, D.heldout, D.heldout_text, batch_size=P.sae.batch_size
+        )
+        order = reconstruction_order(layers, list(adapted.saes))
+        table = gather_table(part, out / ".parts", order, ("stream", "layer", "sae"))
+        if table is None:  # not rank 0
+            return
+    save_table(out / "table.parquet", table)
