@@ -5,9 +5,10 @@
 #   make check [PROFILE=default]       every figure and table the chapters declare exists for PROFILE, and no
 #                                      executed page shows a machine path, warning, error or progress bar
 #   make download PROFILE=paper        fetch the models, SAEs and datasets the profile names (DRY_RUN=1: the plan)
-#   make adapt [PROFILE=default]       adapt the SAEs and compute their per-feature statistics on the profile's
+#   make adapt [PROFILE=default]       adapt the SAEs, their reconstruction and per-feature statistics on the profile's
 #                                      [distributed] processes (torchrun when more than one), before `make book`
-#   make organism [PROFILE=default]    train the organism on this CPU and export it to artifacts/ (+ provenance)
+#   make organism [PROFILE=default] [SEED=n]  train the organism on this CPU and export it to artifacts/ (+ provenance;
+#                                      SEED replaces the profile's seed)
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make test                          unit tests and chapter smoke runs (no built book needed)
 #   make rendered                      load every page of the built book in headless Chromium
@@ -113,13 +114,13 @@ download: $(STAMP)
 # The steps that share the SAEs out over processes (lib/steps/distributed.py), run from a process that loads no
 # model: on GPUs every GPU then holds one model copy. The book reuses what they cache.
 adapt: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.distributed_run --profile $(PROFILE) --run adapted-saes feature-table spatial-stats
+	$(OFFLINE) $(PY) -m lib.steps.distributed_run --profile $(PROFILE) --run adapted-saes reconstruction feature-table spatial-stats
 
 organism: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE)
+	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) $(if $(SEED),--seed $(SEED))
 
 organism-verify: $(STAMP)
-	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) --verify
+	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) --verify $(if $(SEED),--seed $(SEED))
 
 check: $(STAMP)
 	$(PY) -m lib.io.runner --profile $(PROFILE) --check

@@ -174,6 +174,56 @@ def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
         OT.train_vlm(replace(cfg, lm_lr=cfg.lm_lr / 2), lm, tower, TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
 
 
+def test_killed_lm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
+    """The base LM killed after its first checkpoint and restarted with the same arguments ends with the weights,
+    history and loss curve of an uninterrupted run; a checkpoint written for another seed is refused."""
+    from dataclasses import replace
+
+    cfg = replace(TINY.lm, steps=9, eval_every=3)
+    ref = OT.train_lm(cfg, tok, 0, progress=False)
+    evaluate, calls = OT.evaluate_lm, []
+
+    def killed_at_second_evaluation(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kw)
+
+    ckpt = tmp_path / "lm.pt"
+    monkeypatch.setattr(OT, "evaluate_lm", killed_at_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        OT.train_lm(cfg, tok, 0, progress=False, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    monkeypatch.setattr(OT, "evaluate_lm", evaluate)
+    resumed = OT.train_lm(cfg, tok, 0, progress=False, checkpoint=ckpt)
+    a, b = ref.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert resumed.history == ref.history
+    assert [c[:2] for c in resumed.curve] == [c[:2] for c in ref.curve]
+    with pytest.raises(ValueError, match="other settings"):
+        OT.train_lm(cfg, tok, 1, progress=False, checkpoint=ckpt)
+
+
+def test_generic_caption_prompts_take_turns_and_stay_out_of_the_committed_keys(tok, monkeypatch):
+    """`vlm.caption_prompts = "generic"`: the caption instructions are the lexical filter's direction-free prompts
+    in turn; the field's default ("describe") leaves every committed key as it was (a field marked "added")."""
+    from dataclasses import replace
+
+    from lib.io.profiles import settings
+
+    seen = []
+    encode = OT.encode
+    monkeypatch.setattr(OT, "encode", lambda t, prompts, answers: seen.extend(prompts) or encode(t, prompts, answers))
+    cfg = replace(TINY.vlm, stage1_steps=2, stage2_steps=0, batch_size=4, caption_prompts="generic")
+    lm = O.make_lm(TINY.lm, tok)
+    OT.train_vlm(cfg, lm, O.make_tower(TINY.tower), TINY.tower, tok, 0, progress=False)
+    instructions = [p for p in seen if "<image>" in p][:8]
+    assert [next(g for g in world.GENERIC_PROMPTS if g in p) for p in instructions] == [
+        world.GENERIC_PROMPTS[i % len(world.GENERIC_PROMPTS)] for i in range(8)
+    ]
+    assert "caption_prompts" not in settings(TINY.vlm) and settings(cfg)["caption_prompts"] == "generic"
+
+
 def test_colour_by_place_reads_the_answer_position(tok):
     """A stand-in LM that always names the first-described object's colour: right exactly at place 1, and every
     miss names another described object's colour."""

@@ -295,7 +295,7 @@ class Profile:
         if any(s is not None for s in organism) and (self.world is None or None in organism):
             raise ProfileError("the organism needs all of the sections [world], [lm], [tower] and [vlm]")
         if self.tower is not None:
-            from lib.sources.organism import IMAGE_SIZE
+            from lib.sources.organism_config import IMAGE_SIZE
 
             if self.world.image_px != IMAGE_SIZE or self.tower.patch != self.world.patch_px:
                 raise ProfileError(
@@ -326,12 +326,12 @@ SECTION_NAMES = tuple(_SECTION_TYPES)
 
 
 def section_type(name: str):
-    """The config class of a profile section (the organism's are imported on first use: they need torch)."""
+    """The config class of a profile section (the organism's live beside its code, lib/sources/organism_config.py)."""
     cls = _SECTION_TYPES[name]
     if isinstance(cls, str):
-        from lib.sources import organism
+        from lib.sources import organism_config
 
-        cls = getattr(organism, cls)
+        cls = getattr(organism_config, cls)
     return cls
 
 
@@ -429,5 +429,12 @@ def profile_dict(P: Profile) -> dict:
 
 
 def settings(section) -> dict:
-    """A section as plain JSON-able data, for cache keys."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+    """A section as plain JSON-able data, for cache keys. A field declared with `metadata={"added": True}` (one
+    added after artifacts were committed) is left out while it holds its default, so adding a setting whose default
+    keeps the old behaviour never re-keys what was built before it existed (artifacts/PROVENANCE-*.json)."""
+    added = {f.name: f.default for f in dataclasses.fields(section) if f.metadata.get("added")}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(section).items()
+        if not (k in added and v == added[k])
+    }

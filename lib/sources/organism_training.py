@@ -37,6 +37,7 @@ from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalG
 
 from lib.sources import world
 from lib.sources.organism import (
+    CAPTION_PROMPTS,
     IMAGE_SIZE,
     LMConfig,
     TextBatch,
@@ -57,7 +58,7 @@ from lib.sources.organism import (
     vlm_text,
 )
 
-CAPTION_PROMPT = "describe the image ."  # stage-1 instruction (LLaVA's "describe the image briefly")
+CAPTION_PROMPT = CAPTION_PROMPTS["describe"][0]  # the caption instruction (LLaVA's "describe the image briefly")
 NON_RELATIONAL = tuple(q for q, fam in world.QTYPES.items() if fam != "relational")  # hostable by one object
 
 Curve = list[tuple[int, float, float]]  # (step, loss, wall seconds since the start of the loop)
@@ -112,15 +113,31 @@ class LMResult(NamedTuple):
     curve: Curve
 
 
-def train_lm(cfg: LMConfig, tokenizer, seed: int = 0, progress: bool = True) -> LMResult:
+def train_lm(
+    cfg: LMConfig, tokenizer, seed: int = 0, progress: bool = True, checkpoint: str | Path | None = None
+) -> LMResult:
+    """The base LM on captions and questions (module docstring). With `checkpoint`, the training state is written
+    there at every held-out evaluation, and a run that finds the file resumes from it and ends with the same weights
+    bit for bit (each step's batch is drawn from its step number, so nothing else needs restoring)."""
     torch.manual_seed(seed)
     model = make_lm(cfg, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, cfg.warmup, cfg.steps)
     test = eval_samples(seed + 1, cfg.n_eval)
-    curve, history, t0 = [], [], time.perf_counter()
+    curve, history, start = [], [], 0
+    identity = {"config": asdict(cfg), "seed": seed}
+    state = _load_checkpoint(checkpoint, identity) if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        curve, history, start = state["curve"], state["history"], state["step"]
+        if progress:
+            tqdm.write(f"base LM: resuming at step {start} from {checkpoint}")
+    t0 = time.perf_counter() - (curve[-1][2] if curve else 0.0)  # wall times run on across a resume
     model.train()
-    bar = tqdm(range(cfg.steps), desc="base LM", disable=not progress, mininterval=5)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="base LM", disable=not progress,
+               mininterval=5)  # fmt: skip
     for step in bar:
         frac = cfg.single_object_frac if step < cfg.single_object_steps else cfg.single_object_frac / 5
         batch = lm_batch(tokenizer, _mix(seed, "lm-train", cfg.batch_size, frac, start=step * cfg.batch_size))
@@ -136,6 +153,12 @@ def train_lm(cfg: LMConfig, tokenizer, seed: int = 0, progress: bool = True) -> 
             if progress:
                 tqdm.write(f"held-out accuracy after {step + 1} steps: {history[-1][1]}")
             model.train()
+            if checkpoint is not None and step + 1 < cfg.steps:
+                _save_checkpoint(
+                    checkpoint, identity=identity, step=step + 1, model=model.state_dict(),
+                    optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=torch.get_rng_state(),
+                    curve=curve, history=history,
+                )  # fmt: skip
     model.eval()
     return LMResult(model, evaluate_lm(model, tokenizer, test), history, curve)
 
@@ -241,14 +264,14 @@ class VLMResult(NamedTuple):
     curve_stage2: Curve
 
 
-def _save_vlm_checkpoint(path: str | Path, **state) -> None:
+def _save_checkpoint(path: str | Path, **state) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a run killed while writing leaves the previous checkpoint intact
 
 
-def _load_vlm_checkpoint(path: str | Path, identity: dict) -> dict | None:
+def _load_checkpoint(path: str | Path, identity: dict) -> dict | None:
     if not Path(path).exists():
         return None
     state = torch.load(path, weights_only=True)
@@ -278,7 +301,8 @@ def train_vlm(
     projector, lang = vlm.model.multi_modal_projector, vlm.model.language_model
     test = eval_samples(seed + 1, cfg.n_eval)
     n_img = vlm.config.image_seq_length
-    drawn = dict.fromkeys(("caption", "multi", "single"), 0)  # samples drawn so far from each training stream
+    # Samples drawn so far from each training stream, and caption instructions given (resumed with the checkpoint).
+    drawn = dict.fromkeys(("caption", "multi", "single", "instructions"), 0)
 
     def draw(stream: str, n: int) -> list[world.Sample]:
         """The next `n` fresh samples of a stream: no scene is seen twice, so nothing can be memorised."""
@@ -291,13 +315,19 @@ def train_vlm(
         drawn[stream] += n
         return out
 
+    def instruction() -> str:
+        """The next caption instruction: the profile's instructions in turn, counted over the whole run."""
+        prompts = CAPTION_PROMPTS[cfg.caption_prompts]
+        drawn["instructions"] += 1
+        return prompts[(drawn["instructions"] - 1) % len(prompts)]
+
     def step_on(samples, answers, questions, weights, per_sample=False):
         batch = encode(tokenizer, [vlm_text(q, n_img) for q in questions(samples)], answers(samples))
         logits = vlm_forward(vlm, batch, projector(image_features(vlm, samples))).logits
         return _weighted_ce(logits, batch, *weights, per_sample=per_sample)
 
     identity = {"config": asdict(cfg), "tower": asdict(tower_cfg), "seed": seed}
-    state = _load_vlm_checkpoint(checkpoint, identity) if checkpoint is not None else None
+    state = _load_checkpoint(checkpoint, identity) if checkpoint is not None else None
     if state is not None:
         missing, unexpected = vlm.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if ".vision_tower." not in k]  # the frozen tower is not in the checkpoint
@@ -316,7 +346,7 @@ def train_vlm(
         loss = step_on(
             draw("caption", cfg.batch_size),
             lambda ss: [s.scene.caption() for s in ss],
-            lambda ss: [CAPTION_PROMPT] * len(ss),
+            lambda ss: [instruction() for _ in ss],
             (0.0, 1.0),
         )
         loss.backward()
@@ -359,7 +389,7 @@ def train_vlm(
         loss = step_on(
             samples,
             lambda ss, is_cap=is_cap: [s.scene.caption() if c else s.answer for s, c in zip(ss, is_cap, strict=True)],
-            lambda ss, is_cap=is_cap: [CAPTION_PROMPT if c else s.question for s, c in zip(ss, is_cap, strict=True)],
+            lambda ss, is_cap=is_cap: [instruction() if c else s.question for s, c in zip(ss, is_cap, strict=True)],
             (0.0, 1.0),
             per_sample=cfg.caption_frac > 0,
         )
@@ -375,7 +405,7 @@ def train_vlm(
             if progress:
                 tqdm.write(f"held-out accuracy after {step + 1} steps: {history[-1][1]}")
             if checkpoint is not None and step + 1 < cfg.stage2_steps:
-                _save_vlm_checkpoint(
+                _save_checkpoint(
                     checkpoint,
                     identity=identity,
                     step=step + 1,

@@ -8,12 +8,13 @@ from pathlib import Path
 from lib.steps.organism import MODEL_STEPS
 
 
-def export_organism(profile: str, store: Path, verify: bool = False) -> int:
+def export_organism(profile: str, store: Path, verify: bool = False, seed: int | None = None) -> int:
     """Train (or reuse from the local cache) the organism of `profile` and copy its three artifacts into `store`
     with a PROVENANCE.json (command, seed, threads, code commit, versions, checksums). With `verify`, retrain from
     scratch in a cache of its own instead and compare every file's checksum with the committed artifacts. Both are
     resumable: a finished step is kept in its cache and the VLM's stage 2 checkpoints, so a killed run restarted
     with the same command goes on where it stopped (the verification cache is removed once it has passed)."""
+    import dataclasses
     import json
     import platform
     import shutil
@@ -24,14 +25,16 @@ def export_organism(profile: str, store: Path, verify: bool = False) -> int:
     import transformers
 
     from lib.io.cache import MANIFEST, Cache, load_json
+    from lib.io.profiles import load_profile
     from lib.steps.study import Study
 
-    S = Study(profile, Cache(stores=()))
-    P = S.P
+    P = load_profile(profile)
+    P = P if seed is None else dataclasses.replace(P, seed=seed)
+    S = Study(P, Cache(stores=()))
     if P.lm is None:
         raise SystemExit(f"profile {profile!r} has no organism ([lm], [tower], [vlm] sections)")
     if verify:
-        scratch = S.cache.root.parent / f"verify-{profile}"  # beside the local cache, never the store
+        scratch = S.cache.root.parent / f"verify-{profile}-seed{P.seed}"  # beside the local cache, never the store
         arts = Study(P, Cache(scratch, stores=())).organism.artifacts
         bad = []
         for name in MODEL_STEPS:
@@ -74,9 +77,14 @@ def export_organism(profile: str, store: Path, verify: bool = False) -> int:
         "transformers": transformers.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
     }
-    (store / f"PROVENANCE-{profile}.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
+    (store / provenance_name(profile, P.seed)).write_text(json.dumps(provenance, indent=1, sort_keys=True))
     print(f"organism of {profile!r} exported to {store}/ ({', '.join(provenance[n]['artifact'] for n in MODEL_STEPS)})")
     return 0
+
+
+def provenance_name(profile: str, seed: int) -> str:
+    """The provenance file of a profile's organism: seed 0 keeps the name the committed organism has."""
+    return f"PROVENANCE-{profile}.json" if seed == 0 else f"PROVENANCE-{profile}-seed{seed}.json"
 
 
 if __name__ == "__main__":
@@ -88,5 +96,6 @@ if __name__ == "__main__":
     parser.add_argument("--profile", default="default")
     parser.add_argument("--store", type=Path, default=COMMITTED)
     parser.add_argument("--verify", action="store_true", help="retrain from scratch and compare with the store")
+    parser.add_argument("--seed", type=int, help="train with this seed instead of the profile's")
     args = parser.parse_args()
-    raise SystemExit(export_organism(args.profile, args.store, args.verify))
+    raise SystemExit(export_organism(args.profile, args.store, args.verify, args.seed))

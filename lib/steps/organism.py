@@ -97,13 +97,15 @@ def base_lm(ctx) -> Artifact:
 
     _organism_only(ctx)
     P = ctx.P
+    checkpoint = ctx.checkpoint()
 
     def build(out):
         torch.set_num_threads(P.threads)
         tokenizer = build_tokenizer()
-        res = train_lm(P.lm, tokenizer, P.seed)
+        res = train_lm(P.lm, tokenizer, P.seed, checkpoint=checkpoint)
         _save_model(out, res.model, tokenizer)
         save_table(out / "accuracy.parquet", res.accuracy)
+        checkpoint.unlink(missing_ok=True)
         return {"history": res.history, "curve": res.curve}
 
     return ctx.cached(build)
