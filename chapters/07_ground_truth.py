@@ -16,7 +16,7 @@
 #     tables: [probes, reference_per_layer, referee, reference_dropped_by, lexical_prompts, prompt_spread,
 #       counterfactual_pairs, counterfactual_classes, lexical_against_reference, emergence, null_ranking, head_sweep,
 #       head_costs, head_sets, head_set_placement, attribution_by_corruption, sufficiency, spearman_per_feature,
-#       steering, steering_best_relation, claims]
+#       steering, steering_best_relation, claims, seeds, seeds_spread]
 # ---
 
 # %% [markdown]
@@ -57,6 +57,7 @@ from lib.kernels import truth as T
 from lib.sources import world as W
 from lib.steps import heads as HD
 from lib.steps import referee_heads as RH
+from lib.steps.seeds import across_seeds
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
@@ -600,6 +601,23 @@ out.table(claims, "claims")
 # Where the two columns disagree, the last column says which of the pipeline's choices is responsible: the
 # pipeline asks its statistics at positions or under corruptions where the organism does not compute the relation,
 # and its filters select for rotation and image energy, which the features that carry the relation need not have.
+
+# %% [markdown]
+# ## Across seeds
+# Every number above is one organism's: one seed. Each seed in the profile's `referee.seeds` is the whole pipeline
+# again, from a fresh organism trained with that seed (`make organism SEED=n`) to this chapter
+# (`lib/steps/seeds.py`). The first table gives each seed's headline numbers: the reference set, the paper's final
+# set and how much of the reference set it finds, and the head whose single ablation costs the spatial question
+# types most, with its cost on the spatial and the control types. The second gives their mean and range.
+
+# %%
+per_seed, spread = across_seeds(S)
+out.table(per_seed, "seeds")
+out.table(spread, "seeds_spread")
+print(per_seed.round(3).to_string(index=False))
+print(spread.round(3).to_string(index=False))
+if len(per_seed) == 1:
+    print(f"one seed ({int(per_seed.seed[0])}): no range yet; the findings above rest on a single organism")
 
 # %% tags=["remove-input"]
 S.report()

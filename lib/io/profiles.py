@@ -248,6 +248,10 @@ class RefereeConfig(Section):
     n_counterfactual: int = _int_in(400, 8, 1_000_000)  # relation questions with object-swap / word-swap twins
     steer_scale: float = _float_in(4.0, 0.0, 1e6)  # steering: this many times the feature's mean activation
     n_steer_random: int = _int_in(20, 1, 10_000)  # random directions of the same norm
+    # The seeds whose pipelines chapter 7 summarises (mean and range; lib/steps/seeds.py); each is the whole
+    # pipeline again with `seed` replaced, its organism included.
+    seeds: tuple[int, ...] = _f((0,), lambda v: len(v) > 0 and all(isinstance(x, int) and x >= 0 for x in v),
+                                "a non-empty list of seeds")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ once, as a short summary (the cache itself prints nothing per lookup).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cached_property
 from pathlib import Path
 
@@ -66,6 +67,12 @@ class Study:
         if name not in self._results:
             self._results[name] = STEPS[name].fn(Context(self, name))
         return self._results[name]
+
+    def with_seed(self, seed: int) -> Study:
+        """The same pipeline with another seed (its own organism and everything after it), on the same cache."""
+        if seed == self.P.seed:
+            return self
+        return Study(dataclasses.replace(self.P, seed=seed), self.cache)
 
     def report(self) -> None:
         """One short summary of the cache lookups this Study made."""

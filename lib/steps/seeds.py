@@ -1,0 +1,49 @@
+"""Findings across seeds (issue 20). The seed is a profile value that every step from the organism on reads, so
+each seed of a profile is the whole pipeline again: `Study.with_seed(n)` is that pipeline on the same cache. The
+`seed-summary` step condenses one seed's headline numbers of the ground-truth chapter into one row (a small table:
+committed to artifacts/ with its provenance, a seed's summary is read where CI cannot afford its pipeline);
+`across_seeds` gathers them for the profile's `referee.seeds` with their mean and range."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from lib.io.cache import load_table, save_table
+from lib.steps.referee_heads import sweep_costs
+from lib.steps.registry import step
+
+# The numbers the issue asks for on every seed, in the order the chapter prints them.
+NUMBERS = ("reference", "final", "found", "precision", "recall", "spatial_cost", "control_cost")
+
+
+@step("seed-summary", after=("referee", "head-sweep"), reads=("seed",))
+def seed_summary(ctx) -> pd.DataFrame | None:
+    """One row: the reference set's size; the paper's final set, how many of it are in the reference set, its
+    precision and recall (the referee's first row); the head whose single ablation costs the spatial question types
+    most, and its cost on the spatial and on the control types (points of accuracy, the head sweep's matched means).
+    None off the organism (no ground truth)."""
+    referee, sweep = ctx.up("referee"), ctx.up("head-sweep")
+    if referee is None or sweep is None:
+        return None
+
+    def build(out):
+        paper = referee["rows"].iloc[0]
+        best = sweep_costs(sweep).iloc[0]  # sorted by spatial cost, largest first
+        row = {
+            "seed": ctx.P.seed,
+            **{n: paper[n] for n in ("reference", "final", "found", "precision", "recall")},
+            "best_head": f"L{int(best.layer)}H{int(best['head'])}",
+            "spatial_cost": best.spatial_accuracy_cost,
+            "control_cost": best.control_accuracy_cost,
+        }
+        save_table(out / "summary.parquet", pd.DataFrame([row]))
+
+    return load_table(ctx.cached(build) / "summary.parquet")
+
+
+def across_seeds(S) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every seed's summary row (the profile's `referee.seeds`, each its own pipeline on S's cache), and the mean,
+    minimum and maximum of each number over them."""
+    rows = pd.concat([S.with_seed(seed).run("seed-summary") for seed in S.P.referee.seeds], ignore_index=True)
+    spread = rows[list(NUMBERS)].astype(float).agg(["mean", "min", "max"]).T.rename_axis("number").reset_index()
+    return rows, spread
