@@ -606,7 +606,8 @@ out.table(claims, "claims")
 # ## Across seeds
 # Every number above is one organism's: one seed. Each seed in the profile's `referee.seeds` is the whole pipeline
 # again, from a fresh organism trained with that seed (`make organism SEED=n`) to this chapter
-# (`lib/steps/seeds.py`). The first table gives each seed's headline numbers: the reference set, the paper's final
+# (`lib/steps/seeds.py`). The first table gives each seed's headline numbers: the accuracy targets of chapter 2 its
+# organism misses (empty when it meets them all), the reference set, the paper's final
 # set and how much of the reference set it finds, and the head whose single ablation costs the spatial question
 # types most, with its cost on the spatial and the control types. The second gives their mean and range.
 

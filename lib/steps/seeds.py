@@ -16,9 +16,10 @@ from lib.steps.registry import step
 NUMBERS = ("reference", "final", "found", "precision", "recall", "spatial_cost", "control_cost")
 
 
-@step("seed-summary", after=("referee", "head-sweep"), reads=("seed",))
+@step("seed-summary", after=("heldout-accuracy", "referee", "head-sweep"), reads=("seed",))
 def seed_summary(ctx) -> pd.DataFrame | None:
-    """One row: the reference set's size; the paper's final set, how many of it are in the reference set, its
+    """One row: the accuracy targets the seed's organism misses (chapter 2's table; "" when it meets them all);
+    the reference set's size; the paper's final set, how many of it are in the reference set, its
     precision and recall (the referee's first row); the head whose single ablation costs the spatial question types
     most, and its cost on the spatial and on the control types (points of accuracy, the head sweep's matched means).
     None off the organism (no ground truth)."""
@@ -27,10 +28,20 @@ def seed_summary(ctx) -> pd.DataFrame | None:
         return None
 
     def build(out):
+        from lib.sources.organism import TARGETS
+
+        acc = ctx.up("heldout-accuracy").set_index("qtype")
+        missed = [
+            f"{model}:{q}"
+            for model, column in (("lm", "lm_text"), ("vlm", "vlm_image"))
+            for q, target in TARGETS[model].items()
+            if acc.loc[q, column] < target
+        ]
         paper = referee["rows"].iloc[0]
         best = sweep_costs(sweep).iloc[0]  # sorted by spatial cost, largest first
         row = {
             "seed": ctx.P.seed,
+            "targets_missed": ", ".join(missed),
             **{n: paper[n] for n in ("reference", "final", "found", "precision", "recall")},
             "best_head": f"L{int(best.layer)}H{int(best['head'])}",
             "spatial_cost": best.spatial_accuracy_cost,
