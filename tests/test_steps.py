@@ -117,7 +117,7 @@ def test_a_larger_census_rekeys_the_census_alone_and_thresholds_only_what_reads_
         return {s for s, k in step_keys(P2).items() if k != keys[s]}
 
     assert diff(world={"n_census": P.world.n_census * 2}) == {"world-census"}
-    assert diff(world={"n_heldout": 99}) == {"heldout-accuracy"}
+    assert diff(world={"n_heldout": 99}) == {"heldout-accuracy", "seed-summary"}  # the summary reads the table
     assert "base-saes" not in diff(sae={"sweep_k": (4,)})
     assert diff(probing={"min_auroc": 0.8}) == set()  # read by a chapter's computation, by no cached step
     assert "head-scores" not in diff(attribution={"top_k": 3})
