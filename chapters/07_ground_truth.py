@@ -608,8 +608,9 @@ out.table(claims, "claims")
 # again, from a fresh organism trained with that seed (`make organism SEED=n`) to this chapter
 # (`lib/steps/seeds.py`). The first table gives each seed's headline numbers: the accuracy targets of chapter 2 its
 # organism misses (empty when it meets them all), the reference set, the paper's final
-# set and how much of the reference set it finds, and the head whose single ablation costs the spatial question
-# types most, with its cost on the spatial and the control types. The second gives their mean and range.
+# set and how much of the reference set it finds, and the most spatial-specific head (the largest spatial minus
+# control cost of a single ablation), with its cost on the spatial and the control types. The second gives their
+# mean and range.
 
 # %%
 per_seed, spread = across_seeds(S)
