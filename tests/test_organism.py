@@ -138,6 +138,24 @@ def test_tiny_training_is_deterministic(tiny):
     assert not torch.equal(other.lm_head.weight, tiny.lm.model.lm_head.weight), "the seed must matter"
 
 
+def killed_at_second_call(fn):
+    """`fn` that raises KeyboardInterrupt on its second call: a training run killed after its first checkpoint."""
+    calls = []
+
+    def wrapped(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fn(*args, **kw)
+
+    return wrapped
+
+
+def assert_same_weights(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), "resumed weights differ"
+
+
 def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
     """Stage 2 killed after its first checkpoint and restarted with the same arguments ends with the weights and
     history of an uninterrupted run; a checkpoint written for other settings is refused."""
@@ -148,16 +166,9 @@ def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
     tower = OT.train_tower(TINY.tower, 0, progress=False).model
     ref = OT.train_vlm(cfg, lm, tower, TINY.tower, tok, 0, progress=False)
 
-    evaluate, calls = OT.evaluate_vlm, []
-
-    def killed_at_second_evaluation(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kw)
-
+    evaluate = OT.evaluate_vlm
     ckpt = tmp_path / "vlm.pt"
-    monkeypatch.setattr(OT, "evaluate_vlm", killed_at_second_evaluation)
+    monkeypatch.setattr(OT, "evaluate_vlm", killed_at_second_call(evaluate))
     with pytest.raises(KeyboardInterrupt):
         OT.train_vlm(cfg, lm, tower, TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
     assert torch.load(ckpt, weights_only=True)["step"] == 3
@@ -166,8 +177,7 @@ def test_killed_vlm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
     resumed = OT.train_vlm(cfg, lm, tower, TINY.tower, tok, 0, progress=False, checkpoint=ckpt)
     assert len(counted) == 4, "a resumed run evaluates at steps 6 and 9 and twice at the end (a restart: 5 times)"
     monkeypatch.setattr(OT, "evaluate_vlm", evaluate)
-    a, b = ref.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert_same_weights(ref.model, resumed.model)
     assert resumed.history == ref.history
     assert [c[:2] for c in resumed.curve_stage2] == [c[:2] for c in ref.curve_stage2]
     with pytest.raises(ValueError, match="other settings"):
@@ -181,23 +191,15 @@ def test_killed_lm_training_resumes_bit_for_bit(tok, tmp_path, monkeypatch):
 
     cfg = replace(TINY.lm, steps=9, eval_every=3)
     ref = OT.train_lm(cfg, tok, 0, progress=False)
-    evaluate, calls = OT.evaluate_lm, []
-
-    def killed_at_second_evaluation(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kw)
-
+    evaluate = OT.evaluate_lm
     ckpt = tmp_path / "lm.pt"
-    monkeypatch.setattr(OT, "evaluate_lm", killed_at_second_evaluation)
+    monkeypatch.setattr(OT, "evaluate_lm", killed_at_second_call(evaluate))
     with pytest.raises(KeyboardInterrupt):
         OT.train_lm(cfg, tok, 0, progress=False, checkpoint=ckpt)
     assert torch.load(ckpt, weights_only=True)["step"] == 3
     monkeypatch.setattr(OT, "evaluate_lm", evaluate)
     resumed = OT.train_lm(cfg, tok, 0, progress=False, checkpoint=ckpt)
-    a, b = ref.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert_same_weights(ref.model, resumed.model)
     assert resumed.history == ref.history
     assert [c[:2] for c in resumed.curve] == [c[:2] for c in ref.curve]
     with pytest.raises(ValueError, match="other settings"):
