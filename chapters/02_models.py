@@ -52,6 +52,7 @@ from lib.io.cache import MANIFEST, load_json
 from lib.io.outputs import Outputs
 from lib.sources import organism as O
 from lib.sources import world as W
+from lib.steps import seeds as SD
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
@@ -276,6 +277,16 @@ print(f"VLM / LM norm ratio ranges {norms.ratio.min():.2f} to {norms.ratio.max()
 # %% [markdown]
 # Ratios near one mean the LM's SAEs see inputs of the scale they were trained on, so the next chapter can test
 # them on the VLM without renormalising the activations.
+
+# %% [markdown]
+# ## Across seeds
+# Each seed in the profile's `referee.seeds` is an organism trained from scratch with that seed (`make organism
+# SEED=n`; `lib/steps/seeds.py`). Per seed: the held-out accuracy of each question type (1,000 each) for the base LM
+# on captions and the VLM on images, the targets it misses (empty when it meets them all), and the largest margin of
+# the mean-image VLM over the majority answer (near zero: the answers need the image); then the mean and range.
+
+# %%
+SD.report(S, out, "accuracy")
 
 # %% tags=["remove-input"]
 S.report()

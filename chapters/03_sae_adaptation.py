@@ -52,6 +52,7 @@ from lib.io.outputs import Outputs
 from lib.kernels import adaptation as AD
 from lib.kernels.activations import vlm_batches
 from lib.kernels.sae import SAEBank
+from lib.steps import seeds as SD
 from lib.steps.saes import sae_layers
 from lib.steps.study import Study
 
@@ -218,6 +219,16 @@ print(
     f"max |z_ours - z_saelens| = {float((z_ours - z_ref).detach().abs().max()):.2e}"
 )
 assert torch.allclose(z_ours, z_ref, atol=1e-4), "the reloaded SAE encodes differently"
+
+# %% [markdown]
+# ## Across seeds
+# Every number above is one organism's. Each seed in the profile's `referee.seeds` is the whole pipeline again, from
+# an organism trained with that seed (`make organism SEED=n`; `lib/steps/seeds.py`). Per seed: held-out FVU (mean
+# over layers) of the base SAE and of the full adaptation on the VLM's image tokens, and of the base SAE and the
+# text-only adaptation on its text tokens; then their mean and range.
+
+# %%
+SD.report(S, out, "adaptation")
 
 # %% tags=["remove-input"]
 S.report()

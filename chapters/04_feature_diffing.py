@@ -42,6 +42,7 @@ from scipy import stats
 from lib.figures import diffing as FG
 from lib.io.outputs import Outputs
 from lib.kernels import diffing as DF
+from lib.steps import seeds as SD
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
@@ -190,6 +191,14 @@ else:
 # also the per-layer table above: with nine image tokens in a sequence of about
 # twenty, most features put more than ε = 1 % of their energy on image tokens, so on the organism the adapted set
 # is decided almost entirely by the rotation threshold.
+
+# %% [markdown]
+# ## Across seeds
+# Per seed in `referee.seeds` (each its own organism and pipeline; `lib/steps/seeds.py`): how many of the followed
+# variant's features the rule calls adapted, and their share of all its features; then the mean and range.
+
+# %%
+SD.report(S, out, "diffing")
 
 # %% tags=["remove-input"]
 S.report()

@@ -54,6 +54,7 @@ from lib.kernels import autointerp as AI
 from lib.kernels import ground_truth as GT
 from lib.kernels import probing as PR
 from lib.kernels import spatial_stats as SS
+from lib.steps import seeds as SD
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
@@ -120,13 +121,10 @@ out.figure(FD.plot_central_scatter(table, P.diffing.eps, cos_max, overlays), "ce
 # ## Ground truth: do the final features encode the relation?
 
 # %%
-gt_acts = S.ground_truth_acts
-check = None
-if gt_acts is not None:
-    attrs = GT.sample_attributes(D.samples["ground_truth"])
-    auroc = GT.auroc_table(gt_acts.acts_sf, attrs, gt_acts.keys)
-    th = GT.Thresholds(P.diffing.eps, cos_max, Q.min_odds, Q.min_delta)
-    check = GT.ground_truth_check(table, auroc, th, Q.n_random, P.seed, Q.min_auroc)
+truth = S.ground_truth_check  # None off the organism (lib/steps/features.py)
+check = None if truth is None else truth.check
+if check is not None:
+    auroc = truth.auroc
     out.table(check.summary, "ground_truth")
     fig = FG.plot_auroc_groups(check.per_feature)
     out.figure(fig, "ground_truth_auroc")
@@ -166,7 +164,9 @@ else:
 # without knowing which object is which.
 
 # %%
+gt_acts = S.ground_truth_acts
 if gt_acts is not None:
+    attrs = GT.sample_attributes(D.samples["ground_truth"])
     layer_of = np.array([layer for layer, _ in gt_acts.keys])
     inputs = {f"SAE codes, layer {l}": gt_acts.acts_sf.numpy()[:, layer_of == l] for l in sorted(set(layer_of))}
     inputs["control: true row and column occupancy"] = attrs.filter(regex="^(row|column):").to_numpy(float)
@@ -230,6 +230,15 @@ else:
 # The top features of the final set (by description F1), three top samples each: the image with the patches
 # where the feature fires shaded, and the question with its activating tokens shaded on the same colour scale.
 # The title is the description; the F1 in the table scores it on held-out top samples against random ones.
+
+# %% [markdown]
+# ## Across seeds
+# Per seed in `referee.seeds` (each its own organism and pipeline; `lib/steps/seeds.py`): the adapted spatial
+# candidates, the final set after the lexical filter, and the mean best-relation AUROC of the final set and of
+# random features (the ground-truth check above); then the mean and range.
+
+# %%
+SD.report(S, out, "probing")
 
 # %% tags=["remove-input"]
 S.report()

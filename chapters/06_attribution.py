@@ -45,15 +45,16 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from lib.figures import attribution as FA
 from lib.io.outputs import Outputs
 from lib.kernels import attention as AN
 from lib.kernels import attribution as AT
+from lib.kernels import causal as CA
 from lib.kernels.adapter import iter_batches, prepare
 from lib.kernels.probing import feature_keys
 from lib.steps import heads as HD
+from lib.steps import seeds as SD
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
@@ -99,15 +100,9 @@ out.figure(FA.plot_top_heads(score_lh, top), "top_heads")
 # ## Validation against exhaustive activation patching
 
 # %%
-pairs = [("attr_clean", "exhaustive"), ("attr_corrupt", "exhaustive"), ("attr_clean_total", "exhaustive_total")]
-val_rows = []
-for a, e in pairs:
-    rho = stats.spearmanr(H[a], H[e]).statistic
-    val_rows.append(dict(attribution=a, exhaustive=e, n_heads=len(H), spearman=rho))
-validation = pd.DataFrame(val_rows)
+validation = HD.validation_table(scores)
 t = scores.timing
 ratio = t["exhaustive_s"] / (t["attribution_s"] / 2)  # attribution_s times both gradient variants
-validation["exhaustive_s"], validation["attribution_s_per_variant"] = t["exhaustive_s"], t["attribution_s"] / 2
 out.table(validation, "validation")
 print(
     f"Spearman rho, paper's score (clean gradient) vs exhaustive: {validation.spearman.iloc[0]:.3f} over "
@@ -182,19 +177,7 @@ print(
 
 # %%
 causal = S.causal  # top heads and each attributed feature, with random controls (lib/steps/heads.py)
-cond = causal.assign(
-    condition=causal.condition.where(~causal.condition.str.startswith("feature "), "each final feature").where(
-        ~causal.condition.str.startswith("random feature "), "random adapted feature"
-    )
-)
-table2 = (
-    cond[cond.relation == "all"]
-    .groupby(["condition", "ablation", "task"])[["accuracy", "mean_p_correct"]]
-    .mean()
-    .unstack("task")
-)
-table2.columns = [f"{task}: {m}" for m, task in table2.columns]
-table2 = table2.reset_index()
+table2 = CA.ablation_table(causal)
 out.table(table2, "ablation")
 per_relation = causal[(causal.task == "statement") & causal.condition.isin(["clean", "top heads", "random heads"])]
 print(
@@ -311,6 +294,15 @@ print("\n".join(lines))
 # from encoding the true relation. The attribution is validated (ρ above), but the ablation decides whether the top
 # heads are *specific*: a drop under top-head ablation that random heads from the same layers also cause, or that
 # the control task suffers too, means the heads are needed for reading the image at all, not for space.
+
+# %% [markdown]
+# ## Across seeds
+# Per seed in `referee.seeds` (each its own organism and pipeline; `lib/steps/seeds.py`): Spearman's ρ of the
+# paper's score against exhaustive patching, and statement accuracy with the top heads mean-ablated against random
+# heads from the same layers (Table 2); then the mean and range.
+
+# %%
+SD.report(S, out, "attribution")
 
 # %% tags=["remove-input"]
 S.report()

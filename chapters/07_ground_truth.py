@@ -57,7 +57,7 @@ from lib.kernels import truth as T
 from lib.sources import world as W
 from lib.steps import heads as HD
 from lib.steps import referee_heads as RH
-from lib.steps.seeds import across_seeds
+from lib.steps import seeds as SD
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
@@ -606,20 +606,13 @@ out.table(claims, "claims")
 # ## Across seeds
 # Every number above is one organism's: one seed. Each seed in the profile's `referee.seeds` is the whole pipeline
 # again, from a fresh organism trained with that seed (`make organism SEED=n`) to this chapter
-# (`lib/steps/seeds.py`). The first table gives each seed's headline numbers: the accuracy targets of chapter 2 its
-# organism misses (empty when it meets them all), the reference set, the paper's final
-# set and how much of the reference set it finds, and the most spatial-specific head (the largest spatial minus
-# control cost of a single ablation), with its cost on the spatial and the control types. The second gives their
-# mean and range.
+# (`lib/steps/seeds.py`; chapter 2 gives each seed's accuracy against the targets). The first table gives each
+# seed's headline numbers: the reference set, the paper's final set and how much of the reference set it finds,
+# and the most spatial-specific head (the largest spatial minus control cost of a single ablation), with its cost
+# on the spatial and the control types. The second gives their mean and range.
 
 # %%
-per_seed, spread = across_seeds(S)
-out.table(per_seed, "seeds")
-out.table(spread, "seeds_spread")
-print(per_seed.round(3).to_string(index=False))
-print(spread.round(3).to_string(index=False))
-if len(per_seed) == 1:
-    print(f"one seed ({int(per_seed.seed[0])}): no range yet; the findings above rest on a single organism")
+SD.report(S, out, "ground-truth")
 
 # %% tags=["remove-input"]
 S.report()

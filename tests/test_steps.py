@@ -117,11 +117,11 @@ def test_a_larger_census_rekeys_the_census_alone_and_thresholds_only_what_reads_
         return {s for s, k in step_keys(P2).items() if k != keys[s]}
 
     assert diff(world={"n_census": P.world.n_census * 2}) == {"world-census"}
-    assert diff(world={"n_heldout": 99}) == {"heldout-accuracy", "seed-summary"}  # the summary reads the table
+    assert diff(world={"n_heldout": 99}) == {"heldout-accuracy", "seeds-accuracy"}  # chapter 2's seed row reads it
     assert "base-saes" not in diff(sae={"sweep_k": (4,)})
-    assert diff(probing={"min_auroc": 0.8}) == set()  # read by a chapter's computation, by no cached step
+    assert diff(probing={"min_auroc": 0.8}) == {"ground-truth-check", "seeds-probing"}  # and chapter 5's seed row
     assert "head-scores" not in diff(attribution={"top_k": 3})
-    assert diff(attribution={"top_k": 3}) == {"causal-checks", "head-sets"}
+    assert diff(attribution={"top_k": 3}) == {"causal-checks", "head-sets", "seeds-attribution"}
 
 
 def test_the_committed_organism_resolves_under_the_default_profile():

@@ -189,6 +189,23 @@ def summarise(per_item: pd.DataFrame) -> pd.DataFrame:
     return table.rename_axis("relation").reset_index()
 
 
+def ablation_table(causal: pd.DataFrame) -> pd.DataFrame:
+    """The book's Table 2 from `causal_checks`' rows: accuracy and mean P(correct) on each task (relation 'all') per
+    condition and ablation; the final features pooled as "each final feature", the random adapted features as
+    "random adapted feature", random draws averaged. Columns `<task>: <metric>`."""
+    pooled = causal.condition.where(~causal.condition.str.startswith("feature "), "each final feature")
+    pooled = pooled.where(~causal.condition.str.startswith("random feature "), "random adapted feature")
+    rows = causal.assign(condition=pooled)
+    table = (
+        rows[rows.relation == "all"]
+        .groupby(["condition", "ablation", "task"])[["accuracy", "mean_p_correct"]]
+        .mean()
+        .unstack("task")
+    )
+    table.columns = [f"{task}: {metric}" for metric, task in table.columns]
+    return table.reset_index()
+
+
 def causal_checks(
     vlm: VLM,
     statements: Sequence[Statement],

@@ -13,7 +13,7 @@ STEP_MODULES = (
     "referee",  # chapter 7: truth probes, truth scores, the reference set, the referee
     "referee_heads",  # chapter 7: the head sweep, random head sets, sufficiency, counterfactual attribution, steering
     "referee_lexical",  # chapter 7: the lexical test in the organism's words, counterfactual twins, emergence
-    "seeds",  # chapter 7: one seed's headline numbers, for the summary across seeds
+    "seeds",  # chapters 2 to 7: each chapter's findings on one seed, for the summary across seeds
 )
 for _module in STEP_MODULES:
     importlib.import_module(f"lib.steps.{_module}")

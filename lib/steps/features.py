@@ -284,3 +284,29 @@ def ground_truth_activations(ctx):
 
     art = ctx.cached(build)
     return FeatureMatrix(keys, load_tensors(art / "acts.safetensors")["acts_sf"], W.GENERIC_PROMPTS)
+
+
+class GroundTruth(NamedTuple):
+    auroc: pd.DataFrame  # every feature's AUROC per scene attribute (lib.kernels.ground_truth.auroc_table)
+    check: object  # lib.kernels.ground_truth.GroundTruthCheck: the final set against random features
+
+
+@step(
+    "ground-truth-check",
+    after=("selection", "ground-truth-acts"),
+    reads=(*data_reads("ground_truth"), "seed", *FLAG_READS, "probing.n_random", "probing.min_auroc"),
+    cached=False,
+)
+def ground_truth_check(ctx) -> GroundTruth | None:
+    """Organism only: does the final set predict the true relation better than random (adapted) features (chapter 5;
+    lib.kernels.ground_truth.ground_truth_check on the AUROC of every feature under the direction-free prompts)?"""
+    from lib.kernels import ground_truth as GT
+
+    acts = ctx.up("ground-truth-acts")
+    if acts is None:
+        return None
+    P, Q = ctx.P, ctx.P.probing
+    table, cos_max, _ = ctx.up("selection")
+    auroc = GT.auroc_table(acts.acts_sf, GT.sample_attributes(ctx.data.samples["ground_truth"]), acts.keys)
+    th = GT.Thresholds(P.diffing.eps, cos_max, Q.min_odds, Q.min_delta)
+    return GroundTruth(auroc, GT.ground_truth_check(table, auroc, th, Q.n_random, P.seed, Q.min_auroc))

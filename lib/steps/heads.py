@@ -58,6 +58,23 @@ class HeadScores(NamedTuple):
 HEAD_READS = ("threads", "diffing.variant", "attribution.n_samples", "attribution.batch_size")
 
 
+def validation_table(scores: HeadScores) -> pd.DataFrame:
+    """Attribution against exhaustive patching: Spearman's rho over every (feature, head) pair for the paper's score
+    with the clean and the corrupted gradient, and for the total effect; with the wall seconds of each method."""
+    from scipy import stats
+
+    H, t = scores.table, scores.timing
+    pairs = [("attr_clean", "exhaustive"), ("attr_corrupt", "exhaustive"), ("attr_clean_total", "exhaustive_total")]
+    table = pd.DataFrame(
+        [
+            dict(attribution=a, exhaustive=e, n_heads=len(H), spearman=stats.spearmanr(H[a], H[e]).statistic)
+            for a, e in pairs
+        ]
+    )
+    table["exhaustive_s"], table["attribution_s_per_variant"] = t["exhaustive_s"], t["attribution_s"] / 2
+    return table
+
+
 @step(
     "head-scores",
     after=("models", "adapted-saes", "selection"),

@@ -1,61 +1,183 @@
 """Findings across seeds (issue 20). The seed is a profile value that every step from the organism on reads, so
-each seed of a profile is the whole pipeline again: `Study.with_seed(n)` is that pipeline on the same cache. The
-`seed-summary` step condenses one seed's headline numbers of the ground-truth chapter into one row (a small table:
-committed to artifacts/ with its provenance, a seed's summary is read where CI cannot afford its pipeline);
-`across_seeds` gathers them for the profile's `referee.seeds` with their mean and range."""
+each seed of a profile is the whole pipeline again: `Study.with_seed(n)` is that pipeline on the same cache.
+
+Each chapter that states a finding about the organism, its features or its heads declares it here with
+`@findings(chapter, after=...)`: a function of one seed's pipeline that returns the chapter's headline numbers. Each
+becomes a cached step, `seeds-<chapter>`, whose result is one small row (committed to artifacts/ with its provenance,
+a seed's row is read where CI cannot afford that seed's pipeline: the step reads its upstream steps only when it
+builds). `across_seeds` gathers a chapter's rows over the profile's `referee.seeds` with their mean and range, and
+`report` is the chapter's "Across seeds" cell."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pandas as pd
 
 from lib.io.cache import load_table, save_table
-from lib.steps.referee_heads import sweep_costs
+from lib.sources.world import QTYPES
 from lib.steps.registry import step
 
-# The numbers the issue asks for on every seed, in the order the chapter prints them.
-NUMBERS = ("reference", "final", "found", "precision", "recall", "spatial_cost", "control_cost")
+NUMBERS: dict[str, tuple[str, ...]] = {}  # chapter: its numbers, in the order it prints them
+LABELS: dict[str, tuple[str, ...]] = {}  # chapter: the text columns shown beside its numbers
 
 
-@step("seed-summary", after=("heldout-accuracy", "referee", "head-sweep"), reads=("seed",))
-def seed_summary(ctx) -> pd.DataFrame | None:
-    """One row: the accuracy targets the seed's organism misses (chapter 2's table; "" when it meets them all); the
-    reference set's size; the paper's final set, how many of it are in the reference set, its precision and recall
-    (the referee's first row); the most spatial-specific head (its single ablation costs the spatial question types
-    most beyond what it costs the control types) and its cost on each (points of accuracy, the head sweep's matched
-    means). None off the organism (no ground truth)."""
-    referee, sweep = ctx.up("referee"), ctx.up("head-sweep")
-    if referee is None or sweep is None:
+def findings(chapter: str, *, after: tuple[str, ...], numbers: tuple[str, ...], labels: tuple[str, ...] = ()):
+    """Register `fn(ctx) -> dict` (the numbers and labels of one seed) as the step `seeds-<chapter>`, organism
+    only (None elsewhere: a model without a seed to vary)."""
+
+    def register(fn: Callable) -> Callable:
+        NUMBERS[chapter], LABELS[chapter] = numbers, labels
+
+        @step(f"seeds-{chapter}", after=after, reads=("seed",))
+        def summary(ctx) -> pd.DataFrame | None:
+            if ctx.P.lm is None:
+                return None
+
+            def build(out):
+                row = fn(ctx)
+                assert set(row) == set(numbers) | set(labels), f"seeds-{chapter}: {sorted(row)}"
+                save_table(out / "summary.parquet", pd.DataFrame([{"seed": ctx.P.seed, **row}]))
+
+            return load_table(ctx.cached(build) / "summary.parquet")
+
+        summary.__doc__ = fn.__doc__
+        return fn
+
+    return register
+
+
+@findings(
+    "accuracy",
+    after=("heldout-accuracy",),
+    numbers=(*(f"lm:{q}" for q in QTYPES), *(f"vlm:{q}" for q in QTYPES), "mean_image_above_majority"),
+    labels=("targets_missed",),
+)
+def _accuracy(ctx) -> dict:
+    """Chapter 2: held-out accuracy per question type of the base LM on captions and of the VLM on images; the
+    targets it misses ("" when it meets them all); and the largest margin of the mean-image VLM over the majority
+    answer (near 0: the image is needed)."""
+    from lib.sources.organism import TARGETS
+
+    acc = ctx.up("heldout-accuracy").set_index("qtype")
+    columns = {"lm": "lm_text", "vlm": "vlm_image"}
+    missed = [f"{m}:{q}" for m, c in columns.items() for q, t in TARGETS[m].items() if acc.loc[q, c] < t]
+    return {
+        **{f"{m}:{q}": acc.loc[q, c] for m, c in columns.items() for q in QTYPES},
+        "mean_image_above_majority": float((acc.vlm_mean_image - acc.majority).max()),
+        "targets_missed": ", ".join(missed),
+    }
+
+
+@findings(
+    "adaptation",
+    after=("reconstruction",),
+    numbers=("fvu_base_image", "fvu_full_image", "fvu_base_text", "fvu_text_only_text"),
+)
+def _adaptation(ctx) -> dict:
+    """Chapter 3's Table 1, condensed: held-out FVU (mean over layers) on the VLM's image and text tokens of the base
+    SAE, of the full adaptation (image tokens) and of the text-only adaptation (text tokens)."""
+    from lib.kernels.adaptation import summary_table
+
+    fvu = summary_table(ctx.up("reconstruction")).set_index(["sae", "split"]).fvu_mean
+    return {
+        "fvu_base_image": fvu["base", "image"],
+        "fvu_full_image": fvu["full", "image"],
+        "fvu_base_text": fvu["base", "text"],
+        "fvu_text_only_text": fvu["text-only", "text"],
+    }
+
+
+@findings("diffing", after=("selection",), numbers=("adapted", "adapted_share"))
+def _diffing(ctx) -> dict:
+    """Chapter 4: the followed variant's adapted features, and their share of all its features."""
+    adapted = ctx.up("selection").table.adapted
+    return {"adapted": int(adapted.sum()), "adapted_share": float(adapted.mean())}
+
+
+@findings(
+    "probing",
+    after=("selection", "ground-truth-check"),
+    numbers=("candidates", "final", "final_auroc", "random_auroc"),
+)
+def _probing(ctx) -> dict:
+    """Chapter 5: the adapted spatial candidates, the final set, and the mean best-relation AUROC of the final set
+    and of random features (the ground-truth check)."""
+    table, truth = ctx.up("selection").table, ctx.up("ground-truth-check")
+    groups = truth.check.summary.set_index("group")["mean"] if truth is not None else pd.Series(dtype=float)
+    return {
+        "candidates": int((table.adapted & table.spatial).sum()),
+        "final": int(table.final.sum()),
+        "final_auroc": groups.get("final", float("nan")),
+        "random_auroc": groups.get("random", float("nan")),
+    }
+
+
+@findings(
+    "attribution",
+    after=("head-scores", "causal-checks"),
+    numbers=("spearman", "top_heads_statement", "random_heads_statement"),
+)
+def _attribution(ctx) -> dict:
+    """Chapter 6: Spearman's rho of the paper's score against exhaustive patching, and statement accuracy with the
+    top heads mean-ablated against random heads from the same layers (Table 2)."""
+    from lib.kernels.causal import ablation_table
+    from lib.steps.heads import validation_table
+
+    table2 = ablation_table(ctx.up("causal-checks")).set_index(["condition", "ablation"])["statement: accuracy"]
+    return {
+        "spearman": validation_table(ctx.up("head-scores")).spearman.iloc[0],
+        "top_heads_statement": table2.get(("top heads", "mean"), float("nan")),
+        "random_heads_statement": table2.get(("random heads", "mean"), float("nan")),
+    }
+
+
+@findings(
+    "ground-truth",
+    after=("referee", "head-sweep"),
+    numbers=("reference", "final", "found", "precision", "recall", "spatial_cost", "control_cost"),
+    labels=("best_head",),
+)
+def _ground_truth(ctx) -> dict:
+    """Chapter 7: the reference set's size; the paper's final set, how many of it are in the reference set, its
+    precision and recall (the referee's first row); the most spatial-specific head (its single ablation costs the
+    spatial question types most beyond what it costs the control types) and its cost on each (points of accuracy,
+    the head sweep's matched means)."""
+    from lib.steps.referee_heads import sweep_costs
+
+    paper = ctx.up("referee")["rows"].iloc[0]
+    costs = sweep_costs(ctx.up("head-sweep"))
+    best = costs.loc[costs.rank_specific.idxmin()]  # the largest spatial minus control cost
+    return {
+        **{n: paper[n] for n in ("reference", "final", "found", "precision", "recall")},
+        "best_head": f"L{int(best.layer)}H{int(best['head'])}",
+        "spatial_cost": best.spatial_accuracy_cost,
+        "control_cost": best.control_accuracy_cost,
+    }
+
+
+def across_seeds(S, chapter: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """One chapter's findings on every seed of the profile's `referee.seeds` (each its own pipeline on S's cache),
+    and the mean, minimum and maximum of each number over them. None off the organism."""
+    summaries = [S.with_seed(seed).run(f"seeds-{chapter}") for seed in S.P.referee.seeds]
+    if any(s is None for s in summaries):
         return None
-
-    def build(out):
-        from lib.sources.organism import TARGETS
-
-        acc = ctx.up("heldout-accuracy").set_index("qtype")
-        missed = [
-            f"{model}:{q}"
-            for model, column in (("lm", "lm_text"), ("vlm", "vlm_image"))
-            for q, target in TARGETS[model].items()
-            if acc.loc[q, column] < target
-        ]
-        paper = referee["rows"].iloc[0]
-        costs = sweep_costs(sweep)
-        best = costs.loc[costs.rank_specific.idxmin()]  # the largest spatial minus control cost
-        row = {
-            "seed": ctx.P.seed,
-            "targets_missed": ", ".join(missed),
-            **{n: paper[n] for n in ("reference", "final", "found", "precision", "recall")},
-            "best_head": f"L{int(best.layer)}H{int(best['head'])}",
-            "spatial_cost": best.spatial_accuracy_cost,
-            "control_cost": best.control_accuracy_cost,
-        }
-        save_table(out / "summary.parquet", pd.DataFrame([row]))
-
-    return load_table(ctx.cached(build) / "summary.parquet")
+    rows = pd.concat(summaries, ignore_index=True)
+    spread = rows[list(NUMBERS[chapter])].astype(float).agg(["mean", "min", "max"]).T
+    return rows, spread.rename_axis("number").reset_index()
 
 
-def across_seeds(S) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every seed's summary row (the profile's `referee.seeds`, each its own pipeline on S's cache), and the mean,
-    minimum and maximum of each number over them."""
-    rows = pd.concat([S.with_seed(seed).run("seed-summary") for seed in S.P.referee.seeds], ignore_index=True)
-    spread = rows[list(NUMBERS)].astype(float).agg(["mean", "min", "max"]).T.rename_axis("number").reset_index()
-    return rows, spread
+def report(S, out, chapter: str) -> None:
+    """A chapter's "Across seeds" cell: its findings on every seed (table `seeds`; shown one seed per column when
+    there are many numbers) and their mean and range (table `seeds_spread`)."""
+    found = across_seeds(S, chapter)
+    if found is None:
+        print(f"profile {S.P.name!r} has no organism, so no seeds: the findings above are its one model's")
+        return
+    per_seed, spread = found
+    out.table(per_seed, "seeds", show=len(per_seed.columns) <= 10)
+    if len(per_seed.columns) > 10:
+        print(per_seed.set_index("seed").T.rename_axis("seed").to_string())
+    out.table(spread, "seeds_spread")
+    if len(per_seed) == 1:
+        print(f"one seed ({int(per_seed.seed[0])}): no range yet; the findings above rest on a single organism")

@@ -92,6 +92,7 @@ class Study:
     lexical = property(lambda self: self.run("lexical"))
     selection = property(lambda self: self.run("selection"))
     ground_truth_acts = property(lambda self: self.run("ground-truth-acts"))
+    ground_truth_check = property(lambda self: self.run("ground-truth-check"))
     head_scores = property(lambda self: self.run("head-scores"))
     causal = property(lambda self: self.run("causal-checks"))
     truth_probes = property(lambda self: self.run("truth-probes"))
