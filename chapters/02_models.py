@@ -48,30 +48,31 @@ profile = "default"
 import pandas as pd
 
 from lib.figures import models as FG
-from lib.io.cache import MANIFEST, load_json
+from lib.io.cache import load_json
 from lib.io.outputs import Outputs
 from lib.sources import organism as O
 from lib.sources import world as W
 from lib.steps import seeds as SD
+from lib.steps.organism import training_seconds
 from lib.steps.study import Study
 
 S = Study(profile)  # the pipeline of this profile: every step's result, cached (lib/steps)
 P, out = S.P, Outputs("02_models", S.P.name)
 models = S.organism
 info = {name: load_json(art / "info.json") for name, art in models.artifacts.items()}
-manifest = {name: load_json(art / MANIFEST) for name, art in models.artifacts.items()}
 print(P.description)
 for name, art in models.artifacts.items():
     print(f"{name:5s} {art.path.parent.name}/{art.path.name}")
 
 # %% [markdown]
 # ## Sizes and training cost
-# Wall time is the artifact's build time on the machine that made it (for the default profile: the CPU that ran
-# `make organism`, one thread).
+# Wall time is each training loop's own clock on the machine that made it (for the default profile: the CPU that
+# ran `make organism`, one thread; a resumed run carries it on), the final evaluation and saving excluded.
 
 # %%
 n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 vlm = models.vlm
+seconds = training_seconds(models.artifacts)
 training = pd.DataFrame(
     [
         dict(
@@ -80,7 +81,7 @@ training = pd.DataFrame(
             params=n_params(models.lm),
             steps=P.lm.steps,
             batch=P.lm.batch_size,
-            wall_s=manifest["lm"]["build_s"],
+            wall_s=seconds["lm"],
         ),
         dict(
             model="vision tower",
@@ -88,7 +89,7 @@ training = pd.DataFrame(
             params=n_params(vlm.model.vision_tower),
             steps=P.tower.steps,
             batch=P.tower.batch_size,
-            wall_s=manifest["tower"]["build_s"],
+            wall_s=seconds["tower"],
         ),
         dict(
             model="VLM stage 1",
@@ -96,7 +97,7 @@ training = pd.DataFrame(
             params=n_params(vlm.model.multi_modal_projector),
             steps=P.vlm.stage1_steps,
             batch=P.vlm.batch_size,
-            wall_s=info["vlm"]["curve_stage1"][-1][2] if P.vlm.stage1_steps else 0.0,
+            wall_s=seconds["vlm_stage1"],
         ),
         dict(
             model="VLM stage 2",
@@ -104,7 +105,7 @@ training = pd.DataFrame(
             params=n_params(vlm.model.multi_modal_projector) + n_params(vlm.model.language_model),
             steps=P.vlm.stage2_steps,
             batch=P.vlm.batch_size,
-            wall_s=info["vlm"]["curve_stage2"][-1][2] if P.vlm.stage2_steps else 0.0,
+            wall_s=seconds["vlm_stage2"],
         ),
     ]
 )
@@ -282,8 +283,9 @@ print(f"VLM / LM norm ratio ranges {norms.ratio.min():.2f} to {norms.ratio.max()
 # ## Across seeds
 # Each seed in the profile's `referee.seeds` is an organism trained from scratch with that seed (`make organism
 # SEED=n`; `lib/steps/seeds.py`). Per seed: the held-out accuracy of each question type (1,000 each) for the base LM
-# on captions and the VLM on images, the targets it misses (empty when it meets them all), and the largest margin of
-# the mean-image VLM over the majority answer (near zero: the answers need the image); then the mean and range.
+# on captions and the VLM on images, the targets it misses (empty when it meets them all), the largest margin of
+# the mean-image VLM over the majority answer (near zero: the answers need the image), and the wall seconds of each
+# training stage (as in the cost table above) with their total; then the mean and range.
 
 # %%
 SD.report(S, out, "accuracy")

@@ -178,6 +178,25 @@ def organism(ctx) -> OrganismModels:
     return OrganismModels(tokenizer, lm, model, arts)
 
 
+def training_seconds(artifacts: dict) -> dict[str, float]:
+    """Wall seconds of each training stage of an organism (its artifacts by step name): the training loops' own
+    clocks, recorded in each curve, which a resumed run carries on (an artifact's build time restarts with the
+    session that finished it); evaluation at the end and saving excluded. Stage 1 and 2 are 0 when skipped."""
+    from lib.io.cache import load_json
+
+    info = {name: load_json(artifacts[name] / "info.json") for name in MODEL_STEPS}
+
+    def last(curve):
+        return float(curve[-1][2]) if curve else 0.0
+
+    return {
+        "lm": last(info["lm"]["curve"]),
+        "tower": last(info["tower"]["curve"]),
+        "vlm_stage1": last(info["vlm"]["curve_stage1"]),
+        "vlm_stage2": last(info["vlm"]["curve_stage2"]),
+    }
+
+
 @step("heldout-accuracy", after=("organism",), reads=("seed", "threads", "world.n_heldout"))
 def heldout_accuracy(ctx) -> pd.DataFrame:
     """Held-out accuracy per question type on `world.n_heldout` samples (the training runs' own tables score 100 per

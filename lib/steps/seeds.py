@@ -47,24 +47,37 @@ def findings(chapter: str, *, after: tuple[str, ...], numbers: tuple[str, ...], 
     return register
 
 
+STAGES = ("lm", "tower", "vlm_stage1", "vlm_stage2")
+
+
 @findings(
     "accuracy",
-    after=("heldout-accuracy",),
-    numbers=(*(f"lm:{q}" for q in QTYPES), *(f"vlm:{q}" for q in QTYPES), "mean_image_above_majority"),
+    after=("organism", "heldout-accuracy"),
+    numbers=(
+        *(f"lm:{q}" for q in QTYPES),
+        *(f"vlm:{q}" for q in QTYPES),
+        "mean_image_above_majority",
+        *(f"{stage}_s" for stage in STAGES),
+        "total_s",
+    ),
     labels=("targets_missed",),
 )
 def _accuracy(ctx) -> dict:
     """Chapter 2: held-out accuracy per question type of the base LM on captions and of the VLM on images; the
-    targets it misses ("" when it meets them all); and the largest margin of the mean-image VLM over the majority
-    answer (near 0: the image is needed)."""
+    targets it misses ("" when it meets them all); the largest margin of the mean-image VLM over the majority
+    answer (near 0: the image is needed); and the wall seconds of each training stage and their total."""
     from lib.sources.organism import TARGETS
+    from lib.steps.organism import training_seconds
 
+    seconds = training_seconds(ctx.up("organism").artifacts)
     acc = ctx.up("heldout-accuracy").set_index("qtype")
     columns = {"lm": "lm_text", "vlm": "vlm_image"}
     missed = [f"{m}:{q}" for m, c in columns.items() for q, t in TARGETS[m].items() if acc.loc[q, c] < t]
     return {
         **{f"{m}:{q}": acc.loc[q, c] for m, c in columns.items() for q in QTYPES},
         "mean_image_above_majority": float((acc.vlm_mean_image - acc.majority).max()),
+        **{f"{stage}_s": seconds[stage] for stage in STAGES},
+        "total_s": sum(seconds.values()),
         "targets_missed": ", ".join(missed),
     }
 
