@@ -189,11 +189,7 @@ if P.vlm.stage2_steps and None not in reached:
 # (`lib.steps.organism.heldout_accuracy`, cached; 1,000 per type in the default profile).
 
 # %%
-accuracy = S.heldout_accuracy
-accuracy.insert(5, "lm_target", [O.TARGETS["lm"][q] for q in accuracy.qtype])
-accuracy.insert(7, "vlm_target", [O.TARGETS["vlm"][q] for q in accuracy.qtype])
-accuracy["lm_met"] = accuracy.lm_text >= accuracy.lm_target
-accuracy["vlm_met"] = accuracy.vlm_image >= accuracy.vlm_target
+accuracy = O.against_targets(S.heldout_accuracy)
 out.table(accuracy, "accuracy", float_format="{:.2f}")
 out.figure(FG.plot_accuracy(accuracy), "accuracy")
 

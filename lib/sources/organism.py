@@ -207,6 +207,17 @@ TARGETS = {
 }
 
 
+def against_targets(heldout: pd.DataFrame) -> pd.DataFrame:
+    """A copy of the held-out accuracy table (lib.steps.organism.heldout_accuracy) with each type's target for the
+    LM and the VLM beside its accuracy, and whether each is met."""
+    table = heldout.copy()
+    table.insert(5, "lm_target", [TARGETS["lm"][q] for q in table.qtype])
+    table.insert(7, "vlm_target", [TARGETS["vlm"][q] for q in table.qtype])
+    table["lm_met"] = table.lm_text >= table.lm_target
+    table["vlm_met"] = table.vlm_image >= table.vlm_target
+    return table
+
+
 def accuracy_table(samples: list[world.Sample], correct_b: torch.Tensor) -> pd.DataFrame:
     """Accuracy per question type with its majority baseline (share of the most common answer of that type)."""
     df = pd.DataFrame(

@@ -66,13 +66,13 @@ def _accuracy(ctx) -> dict:
     """Chapter 2: held-out accuracy per question type of the base LM on captions and of the VLM on images; the
     targets it misses ("" when it meets them all); the largest margin of the mean-image VLM over the majority
     answer (near 0: the image is needed); and the wall seconds of each training stage and their total."""
-    from lib.sources.organism import TARGETS
+    from lib.sources.organism import against_targets
     from lib.steps.organism import training_seconds
 
     seconds = training_seconds(ctx.up("organism").artifacts)
-    acc = ctx.up("heldout-accuracy").set_index("qtype")
+    acc = against_targets(ctx.up("heldout-accuracy")).set_index("qtype")
     columns = {"lm": "lm_text", "vlm": "vlm_image"}
-    missed = [f"{m}:{q}" for m, c in columns.items() for q, t in TARGETS[m].items() if acc.loc[q, c] < t]
+    missed = [f"{m}:{q}" for m, c in columns.items() for q in QTYPES if not acc.loc[q, f"{m}_met"]]
     return {
         **{f"{m}:{q}": acc.loc[q, c] for m, c in columns.items() for q in QTYPES},
         "mean_image_above_majority": float((acc.vlm_mean_image - acc.majority).max()),
