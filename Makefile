@@ -10,6 +10,8 @@
 #   make organism [PROFILE=default] [SEED=n]  train the organism on this CPU and export it to artifacts/ (+ provenance;
 #                                      SEED replaces the profile's seed)
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
+#   make seed PROFILE=v2 SEED=n        `make organism` for seed n, then its whole pipeline to every chapter's
+#                                      findings row, committed beside it (the book reads the rows of extra seeds)
 #   make test                          unit tests and chapter smoke runs (no built book needed)
 #   make rendered                      load every page of the built book in headless Chromium
 #   make lab                           JupyterLab on this checkout: chapters/*.py open as notebooks (Jupytext)
@@ -72,7 +74,7 @@ LAB_ARGS ?=
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
 JUPYTEXT_DEFAULT_VIEWER := {"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"python": "Jupytext Notebook"}}}
 
-.PHONY: help venv install book html chapter check download adapt organism organism-verify test rendered lint format \
+.PHONY: help venv install book html chapter check download adapt organism seed organism-verify test rendered lint format \
 	chromium clean clean-cache lab lab-check
 
 help:
@@ -118,6 +120,10 @@ adapt: $(STAMP)
 
 organism: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) $(if $(SEED),--seed $(SEED))
+
+seed: $(STAMP)
+	@test -n "$(SEED)" || { echo "make seed: name the seed, e.g. make seed PROFILE=v2 SEED=1"; exit 2; }
+	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) --seed $(SEED) --findings
 
 organism-verify: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) --verify $(if $(SEED),--seed $(SEED))

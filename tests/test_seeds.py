@@ -5,12 +5,12 @@ committed row is read without building its pipeline."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 
 import pytest
 
-from lib.io.cache import Cache
+from lib.io.cache import Cache, load_json
 from lib.io.profiles import load_profile
+from lib.steps.export import export_findings, export_organism
 from lib.steps.seeds import LABELS, NUMBERS, across_seeds
 from lib.steps.study import Study
 
@@ -56,13 +56,17 @@ def test_each_seed_row_is_that_seeds_own_numbers(two_seeds):
         assert found["accuracy"][0].set_index("seed").loc[seed, "vlm:where"] == acc.loc["where", "vlm_image"]
 
 
-def test_a_committed_seed_row_is_read_without_its_pipeline(two_seeds):
+def test_a_committed_seed_row_is_read_without_its_pipeline(two_seeds, monkeypatch):
+    """`make seed`: seed 1's organism and findings rows are exported with their provenance; a fresh cache over
+    that store reads every row and builds nothing."""
     S, found, root = two_seeds
     store = root / "store"
-    store.mkdir()
-    for chapter in NUMBERS:
-        art = S.cache.path(f"seeds-{chapter}", S.with_seed(1).keys[f"seeds-{chapter}"])
-        shutil.copytree(art, store / art.name)
+    monkeypatch.setenv("SPATIAL_CACHE", str(root / "cache"))  # seed 1's pipeline is there already: reused
+    assert export_organism("tiny", store, seed=1) == 0 and export_findings("tiny", store, seed=1) == 0
+    provenance = load_json(store / "PROVENANCE-tiny-seed1.json")
+    assert provenance["made_by"]["seed"] == 1 and set(provenance["findings"]) == set(NUMBERS)
+    for chapter, entry in provenance["findings"].items():
+        assert entry["artifact"] == S.cache.path(f"seeds-{chapter}", S.with_seed(1).keys[f"seeds-{chapter}"]).name
     fresh = Study(S.P, Cache(root / "fresh", stores=(store,))).with_seed(1)
     for chapter in NUMBERS:
         row = fresh.run(f"seeds-{chapter}")

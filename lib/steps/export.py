@@ -1,5 +1,7 @@
 """`make organism`: train the organism of a profile on this CPU and export it as committed artifacts, or retrain it
-from scratch and check it against them (`python -m lib.steps.export [--profile P] [--verify]`)."""
+from scratch and check it against them (`python -m lib.steps.export [--profile P] [--verify]`). `make seed`: the
+same for one seed, then its whole pipeline to every chapter's findings row (lib/steps/seeds.py), committed beside
+it, so that the book reports that seed without running its pipeline (`--findings`)."""
 
 from __future__ import annotations
 
@@ -82,6 +84,40 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
     return 0
 
 
+def export_findings(profile: str, store: Path, seed: int | None = None) -> int:
+    """Run one seed's pipeline to every chapter's findings row (`seeds-<chapter>`), reusing what the local cache
+    holds, and copy the rows into `store`, listed under "findings" in the seed's provenance file (beside its
+    organism's, which `export_organism` writes first). The rows are small; the pipeline that makes them is not."""
+    import dataclasses
+    import json
+    import shutil
+
+    from lib.io.cache import MANIFEST, load_json
+    from lib.io.profiles import load_profile
+    from lib.steps.seeds import NUMBERS
+    from lib.steps.study import Study
+
+    P = load_profile(profile)
+    P = P if seed is None else dataclasses.replace(P, seed=seed)
+    S = Study(P)
+    provenance_path = store / provenance_name(profile, P.seed)
+    if not provenance_path.exists():
+        raise SystemExit(f"{provenance_path} is missing: export the seed's organism first (make organism)")
+    provenance = load_json(provenance_path)
+    provenance["findings"] = {}
+    for chapter in NUMBERS:
+        name = f"seeds-{chapter}"
+        S.run(name)
+        found = S.cache.path(name, S.keys[name])
+        target = store / found.name
+        if not target.exists():
+            shutil.copytree(found if found.exists() else S.cache.stores[0] / found.name, target)
+        provenance["findings"][chapter] = {"artifact": target.name, "files": load_json(target / MANIFEST)["files"]}
+    provenance_path.write_text(json.dumps(provenance, indent=1, sort_keys=True))
+    print(f"findings of {profile!r} seed {P.seed} exported to {store}/ ({len(NUMBERS)} chapters)")
+    return 0
+
+
 def provenance_name(profile: str, seed: int) -> str:
     """The provenance file of a profile's organism: seed 0 keeps the name the committed organism has."""
     return f"PROVENANCE-{profile}.json" if seed == 0 else f"PROVENANCE-{profile}-seed{seed}.json"
@@ -97,5 +133,9 @@ if __name__ == "__main__":
     parser.add_argument("--store", type=Path, default=COMMITTED)
     parser.add_argument("--verify", action="store_true", help="retrain from scratch and compare with the store")
     parser.add_argument("--seed", type=int, help="train with this seed instead of the profile's")
+    parser.add_argument("--findings", action="store_true", help="then run the seed's pipeline and export its rows")
     args = parser.parse_args()
-    raise SystemExit(export_organism(args.profile, args.store, args.verify, args.seed))
+    status = export_organism(args.profile, args.store, args.verify, args.seed)
+    if args.findings and not args.verify and status == 0:
+        status = export_findings(args.profile, args.store, args.seed)
+    raise SystemExit(status)
