@@ -183,7 +183,10 @@ if P.vlm.stage2_steps and None not in reached:
 # Held-out samples (a split no training stream draws from; `lib.sources.organism.eval_samples`), scored by teacher
 # forcing: a sample is correct when every answer word is the model's top prediction. *Mean image*: every image
 # embedding replaced by the mean image-token embedding over the evaluation set, text unchanged: what the VLM can answer
-# without looking. The majority baseline is the share of the most common answer of that type. The training runs
+# without looking. Two chance levels: the majority baseline is the share of the most common answer of that type, and
+# `question_prior` the accuracy of the best guess from the question's text alone (learned on a split of its own,
+# `lib.sources.organism.question_prior`): the text rules some answers out (what is left of the circle is never the
+# circle), so a model that cannot see can beat the majority answer without reading the image. The training runs
 # scored 100 samples per type (the curves above), whose standard error near 0.95 is about 2 points, the size of the
 # margins that matter here; this table scores the same split extended to the profile's `world.n_heldout` samples
 # (`lib.steps.organism.heldout_accuracy`, cached; 1,000 per type in the default profile).
@@ -202,14 +205,19 @@ spatial = accuracy.family != "lookup"
 print("targets missed:", missed)
 print(
     f"spatial types, mean accuracy: VLM {accuracy.vlm_image[spatial].mean():.2f}, with the mean image "
-    f"{accuracy.vlm_mean_image[spatial].mean():.2f}, majority {accuracy.majority[spatial].mean():.2f}"
+    f"{accuracy.vlm_mean_image[spatial].mean():.2f}, guess from the question "
+    f"{accuracy.question_prior[spatial].mean():.2f}, majority answer {accuracy.majority[spatial].mean():.2f}"
 )
+above = accuracy.set_index("qtype").eval("vlm_mean_image - question_prior")
+print(f"mean image above the guess from the question, largest: {above.max():+.3f} ({above.idxmax()})")
 
 # %% [markdown]
-# The table and figure carry the chapter's claim, and the two printed lines check it: the base LM answers from
-# words, the VLM from pixels, and the VLM's spatial answers collapse towards the majority baseline when the image
-# is replaced by its mean (bars in grey), so the image is what it reads. Where a target is missed, the printed
-# list names the question types; the closing note of the organism issue records what was tried.
+# The table and figure carry the chapter's claim, and the printed lines check it: the base LM answers from
+# words, the VLM from pixels, and the VLM's spatial answers collapse to the guess from the question (red ticks) when
+# the image is replaced by its mean (bars in grey), so the image is what it reads: a margin of a few points above
+# that guess would be a text prior the guess misses, a larger one an answer that does not need the image. Where a
+# target is missed, the printed list names the question types; the closing note of the organism issue records what
+# was tried.
 
 # %% [markdown]
 # ### Does the base LM bind colour to shape?
@@ -277,11 +285,11 @@ print(f"VLM / LM norm ratio ranges {norms.ratio.min():.2f} to {norms.ratio.max()
 
 # %% [markdown]
 # ## Across seeds
-# Each seed in the profile's `referee.seeds` is an organism trained from scratch with that seed (`make organism
+# Each seed in the profile's `referee.seeds` is an organism trained from scratch with that seed (`make seed
 # SEED=n`; `lib/steps/seeds.py`). Per seed: the held-out accuracy of each question type (1,000 each) for the base LM
 # on captions and the VLM on images, the targets it misses (empty when it meets them all), the largest margin of
-# the mean-image VLM over the majority answer (near zero: the answers need the image), and the wall seconds of each
-# training stage (as in the cost table above) with their total; then the mean and range.
+# the mean-image VLM over the best guess from the question (near zero or below: the answers need the image), and
+# the wall seconds of each training stage (as in the cost table above) with their total; then the mean and range.
 
 # %%
 SD.report(S, out, "accuracy")

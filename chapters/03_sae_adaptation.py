@@ -223,7 +223,7 @@ assert torch.allclose(z_ours, z_ref, atol=1e-4), "the reloaded SAE encodes diffe
 # %% [markdown]
 # ## Across seeds
 # Every number above is one organism's. Each seed in the profile's `referee.seeds` is the whole pipeline again, from
-# an organism trained with that seed (`make organism SEED=n`; `lib/steps/seeds.py`). Per seed: held-out FVU (mean
+# an organism trained with that seed (`make seed SEED=n`; `lib/steps/seeds.py`). Per seed: held-out FVU (mean
 # over layers) of the base SAE and of the full adaptation on the VLM's image tokens, and of the base SAE and the
 # text-only adaptation on its text tokens; then their mean and range.
 

@@ -605,7 +605,7 @@ out.table(claims, "claims")
 # %% [markdown]
 # ## Across seeds
 # Every number above is one organism's: one seed. Each seed in the profile's `referee.seeds` is the whole pipeline
-# again, from a fresh organism trained with that seed (`make organism SEED=n`) to this chapter
+# again, from a fresh organism trained with that seed (`make seed SEED=n`) to this chapter
 # (`lib/steps/seeds.py`; chapter 2 gives each seed's accuracy against the targets). The first table gives each
 # seed's headline numbers: the reference set, the paper's final set and how much of the reference set it finds,
 # and the most spatial-specific head (the largest spatial minus control cost of a single ablation), with its cost

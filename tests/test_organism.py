@@ -1,8 +1,10 @@
 """Tokenizer, prompts and the organism of the `tiny` profile: fast, offline, and each assertion could fail."""
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -244,3 +246,17 @@ def test_colour_by_place_reads_the_answer_position(tok):
     assert (table.loc[(slice(None), 1), "correct"] == 1.0).all()
     later = table.drop(index=1, level="place")
     assert (later.correct == 0.0).all() and (later.other_object == 1.0).all()
+
+
+def test_the_guess_from_the_question_is_a_chance_level_the_text_can_raise():
+    """`question_prior` learns each question text's most common answer on a split of its own: never below the
+    majority answer by more than noise, above it where the text rules answers out (what_rel: the named shape is
+    never the answer), and perfect where the text decides the answer."""
+    held, prior = O.eval_samples(1, 2700), world.make_samples(1, "prior", 6000)
+    guess = O.question_prior(held, prior)
+    answers = pd.DataFrame({"qtype": [s.qtype for s in held], "answer": [s.answer for s in held]})
+    majority = answers.groupby("qtype").answer.agg(lambda a: a.value_counts(normalize=True).iloc[0])
+    assert (guess >= majority.reindex(guess.index) - 0.05).all()
+    assert guess["what_rel"] > majority["what_rel"] + 0.03
+    told = [dataclasses.replace(s, question=f"{s.question} {s.answer}") for s in held[:90]]
+    assert (O.question_prior(told, told) == 1.0).all()

@@ -211,8 +211,8 @@ def against_targets(heldout: pd.DataFrame) -> pd.DataFrame:
     """A copy of the held-out accuracy table (lib.steps.organism.heldout_accuracy) with each type's target for the
     LM and the VLM beside its accuracy, and whether each is met."""
     table = heldout.copy()
-    table.insert(5, "lm_target", [TARGETS["lm"][q] for q in table.qtype])
-    table.insert(7, "vlm_target", [TARGETS["vlm"][q] for q in table.qtype])
+    for model, column in (("lm", "lm_text"), ("vlm", "vlm_image")):
+        table.insert(table.columns.get_loc(column) + 1, f"{model}_target", [TARGETS[model][q] for q in table.qtype])
     table["lm_met"] = table.lm_text >= table.lm_target
     table["vlm_met"] = table.vlm_image >= table.vlm_target
     return table
@@ -240,6 +240,20 @@ def accuracy_table(samples: list[world.Sample], correct_b: torch.Tensor) -> pd.D
         )
     order = {q: i for i, q in enumerate(world.QTYPES)}
     return pd.DataFrame(rows).sort_values("qtype", key=lambda c: c.map(order)).reset_index(drop=True)
+
+
+def question_prior(samples: list[world.Sample], prior: list[world.Sample]) -> pd.Series:
+    """Per question type, the accuracy of the best guess from the question's text alone: each sample answered with
+    the answer its question text most often has among `prior` (a split of its own; the type's most common answer
+    for a text `prior` lacks). This is the chance level of a model that cannot see: above the majority baseline
+    where the text rules answers out (what is left of the circle? never the circle)."""
+    learned = pd.DataFrame({"question": [s.question for s in prior], "answer": [s.answer for s in prior]})
+    by_text = learned.groupby("question").answer.agg(lambda a: a.value_counts().index[0])
+    by_type = pd.Series({q: pd.Series([s.answer for s in prior if s.qtype == q]).mode()[0] for q in world.QTYPES})
+    guess = [by_text.get(s.question, by_type[s.qtype]) for s in samples]
+    hit = [g == s.answer for g, s in zip(guess, samples, strict=True)]
+    hits = pd.DataFrame({"qtype": [s.qtype for s in samples], "hit": hit})
+    return hits.groupby("qtype", sort=False).hit.mean()
 
 
 @torch.no_grad()

@@ -197,10 +197,15 @@ def training_seconds(artifacts: dict) -> dict[str, float]:
     }
 
 
-@step("heldout-accuracy", after=("organism",), reads=("seed", "threads", "world.n_heldout"))
+N_PRIOR = 20_000  # questions the text-only guess learns from (at most 48 texts per type: about 45 samples each)
+
+
+@step("heldout-accuracy", after=("organism",), reads=("seed", "threads", "world.n_heldout"), version=2)
 def heldout_accuracy(ctx) -> pd.DataFrame:
     """Held-out accuracy per question type on `world.n_heldout` samples (the training runs' own tables score 100 per
-    type, too few to tell 0.93 from 0.95): base LM on captions, VLM on images and with the mean image embedding."""
+    type, too few to tell 0.93 from 0.95): base LM on captions, VLM on images and with the mean image embedding,
+    beside two chance levels: the majority answer and the best guess from the question's text
+    (`lib.sources.organism.question_prior`). Version 2 added the second."""
     import torch
 
     from lib.sources import organism as O
@@ -217,6 +222,8 @@ def heldout_accuracy(ctx) -> pd.DataFrame:
             "vlm_mean_image": O.evaluate_vlm(m.vlm, m.tokenizer, samples, corrupt="mean_image"),
         }
         table = lm[["qtype", "family", "n", "majority"]].copy()
+        prior = O.question_prior(samples, W.make_samples(P.seed + 1, "prior", N_PRIOR))
+        table.insert(4, "question_prior", prior.reindex(table.qtype).to_numpy())
         for name, t in tables.items():
             table[name] = t.set_index("qtype").accuracy.reindex(table.qtype).to_numpy()
         save_table(out / "table.parquet", table)

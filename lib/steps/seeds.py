@@ -56,7 +56,7 @@ STAGES = ("lm", "tower", "vlm_stage1", "vlm_stage2")
     numbers=(
         *(f"lm:{q}" for q in QTYPES),
         *(f"vlm:{q}" for q in QTYPES),
-        "mean_image_above_majority",
+        "mean_image_above_prior",
         *(f"{stage}_s" for stage in STAGES),
         "total_s",
     ),
@@ -64,8 +64,9 @@ STAGES = ("lm", "tower", "vlm_stage1", "vlm_stage2")
 )
 def _accuracy(ctx) -> dict:
     """Chapter 2: held-out accuracy per question type of the base LM on captions and of the VLM on images; the
-    targets it misses ("" when it meets them all); the largest margin of the mean-image VLM over the majority
-    answer (near 0: the image is needed); and the wall seconds of each training stage and their total."""
+    targets it misses ("" when it meets them all); the largest margin of the mean-image VLM over the best guess
+    from the question's text (near 0 or below: the image is needed); and the wall seconds of each training stage
+    and their total."""
     from lib.sources.organism import against_targets
     from lib.steps.organism import training_seconds
 
@@ -75,7 +76,7 @@ def _accuracy(ctx) -> dict:
     missed = [f"{m}:{q}" for m, c in columns.items() for q in QTYPES if not acc.loc[q, f"{m}_met"]]
     return {
         **{f"{m}:{q}": acc.loc[q, c] for m, c in columns.items() for q in QTYPES},
-        "mean_image_above_majority": float((acc.vlm_mean_image - acc.majority).max()),
+        "mean_image_above_prior": float((acc.vlm_mean_image - acc.question_prior).max()),
         **{f"{stage}_s": seconds[stage] for stage in STAGES},
         "total_s": sum(seconds.values()),
         "targets_missed": ", ".join(missed),
