@@ -260,3 +260,45 @@ def test_the_guess_from_the_question_is_a_chance_level_the_text_can_raise():
     assert guess["what_rel"] > majority["what_rel"] + 0.03
     told = [dataclasses.replace(s, question=f"{s.question} {s.answer}") for s in held[:90]]
     assert (O.question_prior(told, told) == 1.0).all()
+
+
+def test_length_buckets_cover_the_batch_once_with_the_fewest_padded_slots():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.integers(3, 30, size=int(rng.integers(1, 9))).tolist()
+        for k in (1, 2, 3):
+            groups = OT.length_buckets(lengths, k)
+            assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and len(groups) <= k
+            slots = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+            s = sorted(lengths)  # brute force over every way to cut the sorted lengths into at most k groups
+            best = min(
+                sum((b - a) * s[b - 1] for a, b in itertools.pairwise((0, *cuts, len(s))))
+                for m in range(k)
+                for cuts in itertools.combinations(range(1, len(s)), m)
+            )
+            assert slots == best
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_bucketed_loss_is_the_whole_batch_loss_on_less_padding(per_sample):
+    """The trainers' loss on length buckets equals the one-batch loss and gradient (to float rounding), and k = 1
+    is the one-batch computation exactly: what the committed v1 organism was trained with."""
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = O.make_lm(TINY.lm, tok)
+    samples = world.make_samples(0, "lm-train", 12) + world.make_samples(0, "x", 4, qtypes=("count",), n_objects=(1,))
+    batch = O.lm_batch(tok, samples)
+    forward = lambda rows, sub: model(input_ids=sub.input_ids_bs, attention_mask=sub.attention_mask_bs).logits  # noqa: E731
+    losses, grads = {}, {}
+    for k in (1, 3):
+        model.zero_grad()
+        losses[k] = OT.bucketed_ce(forward, batch, 1.0, 4.0, per_sample=per_sample, k=k)
+        losses[k].backward()
+        grads[k] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    whole = OT._weighted_ce(forward(None, batch), batch, 1.0, 4.0, per_sample=per_sample)
+    assert torch.equal(losses[1], whole)
+    assert batch.input_ids_bs.shape[1] > min(batch.attention_mask_bs.sum(1))  # there was padding to save
+    torch.testing.assert_close(losses[3], losses[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[3], grads[1], rtol=1e-4, atol=1e-7)

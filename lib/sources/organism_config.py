@@ -49,9 +49,14 @@ class LMConfig:
     single_object_steps: int = 1500
     n_eval: int = 900
     eval_every: int = 500
+    # Each step's forward on this many sub-batches of similar length, each padded to its own longest (the same
+    # loss, fewer padded tokens: lib.sources.organism_training.bucketed_ce). 1: the whole batch padded to its
+    # longest, as the trainer did before; "added": out of the cache key at 1, so v1's organism keeps its key.
+    length_buckets: int = field(default=1, metadata={"added": True})
 
     def __post_init__(self):
         _check(self.d_model == self.n_heads * self.head_dim, self, "d_model must equal n_heads * head_dim")
+        _check(self.length_buckets >= 1, self, "length_buckets must be >= 1")
         _check(
             min(self.n_layers, self.n_heads, self.steps, self.batch_size, self.n_eval) > 0,
             self,
@@ -108,8 +113,10 @@ class VLMConfig:
     # The instructions answered by the caption, in turn (CAPTION_PROMPTS). "added": out of the cache key at its
     # default, so the committed organism keeps its key (lib/io/profiles.settings).
     caption_prompts: str = field(default="describe", metadata={"added": True})
+    length_buckets: int = field(default=1, metadata={"added": True})  # as LMConfig's
 
     def __post_init__(self):
+        _check(self.length_buckets >= 1, self, "length_buckets must be >= 1")
         _check(self.caption_prompts in CAPTION_PROMPTS, self, f"caption_prompts must be one of {list(CAPTION_PROMPTS)}")
         _check(0 <= self.caption_frac < 1, self, "caption_frac must lie in [0, 1)")
         _check(self.lm_lr <= self.projector_lr, self, "lm_lr must not exceed projector_lr (LLaVA's recipe)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -85,12 +86,70 @@ def _weighted_ce(
     """Next-token cross-entropy, position s predicting token s + 1, weighted per target token. `per_sample`: each
     sample's weighted mean first, then the mean over samples (a long caption answer weighs as much as a one-word
     answer)."""
+    ce_bs, w_bs = _ce_terms(logits_bsv, batch, context_weight, answer_weight)
+    if per_sample:
+        return (ce_bs.sum(1) / w_bs.sum(1)).mean()
+    return ce_bs.sum() / w_bs.sum()
+
+
+def _ce_terms(logits_bsv, batch: TextBatch, context_weight: float, answer_weight: float):
+    """Per target token: the weighted cross-entropy and its weight (both (B, S - 1))."""
     target_bs = batch.input_ids_bs[:, 1:]
     ce_bs = F.cross_entropy(logits_bsv[:, :-1].flatten(0, 1), target_bs.flatten(), reduction="none")
     w_bs = (context_weight * batch.attention_mask_bs[:, 1:] + answer_weight * batch.target_mask_bs[:, 1:]).float()
-    if per_sample:
-        return ((ce_bs.view_as(w_bs) * w_bs).sum(1) / w_bs.sum(1)).mean()
-    return (ce_bs.view_as(w_bs) * w_bs).sum() / w_bs.sum()
+    return ce_bs.view_as(w_bs) * w_bs, w_bs
+
+
+def length_buckets(lengths: list[int], k: int) -> list[list[int]]:
+    """The batch's rows in at most `k` groups of similar length (contiguous in length order), chosen to minimise the
+    padded token slots, the sum over groups of size x longest length (dynamic programming over the cut points)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    n, sorted_len = len(order), [lengths[i] for i in order]
+    # best[b][j]: fewest slots for the j shortest rows in b groups; cut[b][j]: where the last group starts
+    best = [[0] + [float("inf")] * n] + [[float("inf")] * (n + 1) for _ in range(k)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    for b in range(1, k + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[b - 1][i] + (j - i) * sorted_len[j - 1]
+                if cost < best[b][j]:
+                    best[b][j], cut[b][j] = cost, i
+    b = min(range(1, k + 1), key=lambda b: (best[b][n], b))
+    groups, j = [], n
+    while j > 0:
+        i = cut[b][j]
+        groups.append(order[i:j])
+        j, b = i, b - 1
+    return groups[::-1]
+
+
+def bucketed_ce(
+    forward: Callable[[torch.Tensor, TextBatch], torch.Tensor],
+    batch: TextBatch,
+    context_weight: float,
+    answer_weight: float,
+    per_sample: bool = False,
+    k: int = 1,
+) -> torch.Tensor:
+    """`_weighted_ce` of the whole batch, with the forward run on `k` sub-batches of similar length, each trimmed of
+    the padding its rows do not need (`forward(rows, sub_batch) -> logits`). The same loss up to float rounding, on
+    fewer token slots: a stage-2 batch mixes one-word answers with captions three times longer, and padding all of
+    it to the longest caption doubled the step (issue 20). Right padding makes the trim exact: every real token
+    keeps its position. `k` = 1 is the whole batch, one forward, the exact computation of the trainers before."""
+    if k == 1:
+        return _weighted_ce(forward(torch.arange(len(batch.input_ids_bs)), batch), batch, context_weight,
+                            answer_weight, per_sample)  # fmt: skip
+    lengths = batch.attention_mask_bs.sum(1).tolist()
+    ce_sum, w_sum = 0.0, 0.0
+    for group in length_buckets(lengths, k):
+        rows = torch.tensor(group)
+        sub = TextBatch(*(t[rows, : max(lengths[i] for i in group)] for t in batch))
+        ce_bs, w_bs = _ce_terms(forward(rows, sub), sub, context_weight, answer_weight)
+        if per_sample:
+            ce_sum = ce_sum + (ce_bs.sum(1) / w_bs.sum(1)).sum()
+        else:
+            ce_sum, w_sum = ce_sum + ce_bs.sum(), w_sum + w_bs.sum()
+    return ce_sum / len(lengths) if per_sample else ce_sum / w_sum
 
 
 def _mix(seed: int, split: str, n: int, single_frac: float, start: int) -> list[world.Sample]:
@@ -141,8 +200,10 @@ def train_lm(
     for step in bar:
         frac = cfg.single_object_frac if step < cfg.single_object_steps else cfg.single_object_frac / 5
         batch = lm_batch(tokenizer, _mix(seed, "lm-train", cfg.batch_size, frac, start=step * cfg.batch_size))
-        logits_bsv = model(input_ids=batch.input_ids_bs, attention_mask=batch.attention_mask_bs).logits
-        loss = _weighted_ce(logits_bsv, batch, cfg.context_weight, cfg.answer_weight)
+        loss = bucketed_ce(
+            lambda rows, sub: model(input_ids=sub.input_ids_bs, attention_mask=sub.attention_mask_bs).logits,
+            batch, cfg.context_weight, cfg.answer_weight, k=cfg.length_buckets,
+        )  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -323,8 +384,11 @@ def train_vlm(
 
     def step_on(samples, answers, questions, weights, per_sample=False):
         batch = encode(tokenizer, [vlm_text(q, n_img) for q in questions(samples)], answers(samples))
-        logits = vlm_forward(vlm, batch, projector(image_features(vlm, samples))).logits
-        return _weighted_ce(logits, batch, *weights, per_sample=per_sample)
+        features = image_features(vlm, samples)
+        return bucketed_ce(
+            lambda rows, sub: vlm_forward(vlm, sub, projector(features[rows])).logits,
+            batch, *weights, per_sample=per_sample, k=cfg.length_buckets,
+        )  # fmt: skip
 
     identity = {"config": asdict(cfg), "tower": asdict(tower_cfg), "seed": seed}
     state = _load_checkpoint(checkpoint, identity) if checkpoint is not None else None
