@@ -75,16 +75,17 @@ def plot_heldout_accuracy(histories: Mapping[str, History], families: Mapping[st
 
 
 def plot_accuracy(accuracy: pd.DataFrame) -> Figure:
-    """Per question type: the VLM on images and on the mean image, the base LM on captions (bars), the VLM's
-    target (a black tick) and the best guess from the question's text, the chance level of a model that cannot
-    see (a red tick). Columns: qtype, family, question_prior, lm_text, vlm_image, vlm_mean_image, vlm_target."""
+    """Per question type: the base LM on captions, the VLM on images and on the mean image (bars), the VLM's
+    target (a black tick over its bar) and the best guess from the question's text, the chance level of a model
+    that cannot see (a red tick over the mean-image bar). Columns: qtype, family, question_prior, lm_text,
+    vlm_image, vlm_mean_image, vlm_target."""
     fig, ax = plt.subplots(figsize=(10, 3.8))
     x = np.arange(len(accuracy))
     bars = [("lm_text", "C0"), ("vlm_image", "C1"), ("vlm_mean_image", "C7")]
     labels = {"lm_text": "base LM, caption", "vlm_image": "VLM, image", "vlm_mean_image": "VLM, mean image"}
     for i, (col, color) in enumerate(bars):
         ax.bar(x + (i - 1) * 0.25, accuracy[col], 0.25, color=color, label=labels[col])
-    ax.scatter(x + 0.25, accuracy.vlm_target, marker="_", s=250, color="k", zorder=3, label="VLM target")
+    ax.scatter(x, accuracy.vlm_target, marker="_", s=250, color="k", zorder=3, label="VLM target")
     ax.scatter(
         x + 0.25, accuracy.question_prior, marker="_", s=250, color="C3", zorder=3, label="guess from the question"
     )
