@@ -11,11 +11,12 @@ from lib.steps.organism import MODEL_STEPS
 
 
 def export_organism(profile: str, store: Path, verify: bool = False, seed: int | None = None) -> int:
-    """Train (or reuse from the local cache) the organism of `profile` and copy its three artifacts into `store`
-    with a PROVENANCE.json (command, seed, threads, code commit, versions, checksums). With `verify`, retrain from
-    scratch in a cache of its own instead and compare every file's checksum with the committed artifacts. Both are
-    resumable: a finished step is kept in its cache and the VLM's stage 2 checkpoints, so a killed run restarted
-    with the same command goes on where it stopped (the verification cache is removed once it has passed)."""
+    """Train (or reuse from the local cache or `store`) the organism of `profile` and copy its three artifacts into
+    `store` with a PROVENANCE.json (command, seed, threads, code commit, versions, checksums). With `verify`,
+    retrain from scratch in a cache of its own instead and compare every file's checksum with the committed
+    artifacts. Both are resumable: a finished step is kept in its cache and the VLM's stage 2 checkpoints, so a
+    killed run restarted with the same command goes on where it stopped (the verification cache is removed once it
+    has passed)."""
     import dataclasses
     import json
     import platform
@@ -32,7 +33,7 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
 
     P = load_profile(profile)
     P = P if seed is None else dataclasses.replace(P, seed=seed)
-    S = Study(P, Cache(stores=()))
+    S = Study(P, Cache(stores=(store,)))  # a model the store already holds under its key is not trained again
     if P.lm is None:
         raise SystemExit(f"profile {profile!r} has no organism ([lm], [tower], [vlm] sections)")
     if verify:
