@@ -247,9 +247,10 @@ def question_prior(samples: list[world.Sample], prior: list[world.Sample]) -> pd
     the answer its question text most often has among `prior` (a split of its own; the type's most common answer
     for a text `prior` lacks). This is the chance level of a model that cannot see: above the majority baseline
     where the text rules answers out (what is left of the circle? never the circle)."""
-    learned = pd.DataFrame({"question": [s.question for s in prior], "answer": [s.answer for s in prior]})
-    by_text = learned.groupby("question").answer.agg(lambda a: a.value_counts().index[0])
-    by_type = pd.Series({q: pd.Series([s.answer for s in prior if s.qtype == q]).mode()[0] for q in world.QTYPES})
+    learned = pd.DataFrame([(s.qtype, s.question, s.answer) for s in prior], columns=["qtype", "question", "answer"])
+    most_common = lambda answers: answers.value_counts().index[0]  # noqa: E731
+    by_text = learned.groupby("question").answer.agg(most_common)
+    by_type = learned.groupby("qtype").answer.agg(most_common)
     guess = [by_text.get(s.question, by_type[s.qtype]) for s in samples]
     hit = [g == s.answer for g, s in zip(guess, samples, strict=True)]
     hits = pd.DataFrame({"qtype": [s.qtype for s in samples], "hit": hit})

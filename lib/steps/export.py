@@ -17,7 +17,6 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
     artifacts. Both are resumable: a finished step is kept in its cache and the VLM's stage 2 checkpoints, so a
     killed run restarted with the same command goes on where it stopped (the verification cache is removed once it
     has passed)."""
-    import dataclasses
     import json
     import platform
     import shutil
@@ -28,11 +27,9 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
     import transformers
 
     from lib.io.cache import MANIFEST, Cache, load_json
-    from lib.io.profiles import load_profile
     from lib.steps.study import Study
 
-    P = load_profile(profile)
-    P = P if seed is None else dataclasses.replace(P, seed=seed)
+    P = _profile(profile, seed)
     S = Study(P, Cache(stores=(store,)))  # a model the store already holds under its key is not trained again
     if P.lm is None:
         raise SystemExit(f"profile {profile!r} has no organism ([lm], [tower], [vlm] sections)")
@@ -60,12 +57,9 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "lib"], capture_output=True, text=True).stdout)
     provenance = {}
     for name in MODEL_STEPS:
-        target = store / arts[name].path.name
-        if not target.exists():
-            shutil.copytree(arts[name].path, target)
-        manifest = load_json(target / MANIFEST)
+        manifest = _copy_into(store, arts[name].path)
         provenance[name] = {
-            "artifact": target.name,
+            "artifact": arts[name].path.name,
             "key": arts[name].key,
             "build_s": manifest["build_s"],
             "files": manifest["files"],
@@ -87,20 +81,16 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
 
 def export_findings(profile: str, store: Path, seed: int | None = None) -> int:
     """Run one seed's pipeline to every chapter's findings row (`seeds-<chapter>`), reusing what the local cache
-    holds, and copy the rows into `store`, listed under "findings" in the seed's provenance file (beside its
-    organism's, which `export_organism` writes first). The rows are small; the pipeline that makes them is not."""
-    import dataclasses
+    and `store` hold, and copy the rows into `store`, listed under "findings" in the seed's provenance file (beside
+    its organism's, which `export_organism` writes first). The rows are small; the pipeline that makes them is not."""
     import json
-    import shutil
 
-    from lib.io.cache import MANIFEST, load_json
-    from lib.io.profiles import load_profile
+    from lib.io.cache import Cache, load_json
     from lib.steps.seeds import NUMBERS
     from lib.steps.study import Study
 
-    P = load_profile(profile)
-    P = P if seed is None else dataclasses.replace(P, seed=seed)
-    S = Study(P)
+    P = _profile(profile, seed)
+    S = Study(P, Cache(stores=(store,)))
     provenance_path = store / provenance_name(profile, P.seed)
     if not provenance_path.exists():
         raise SystemExit(f"{provenance_path} is missing: export the seed's organism first (make organism)")
@@ -109,14 +99,34 @@ def export_findings(profile: str, store: Path, seed: int | None = None) -> int:
     for chapter in NUMBERS:
         name = f"seeds-{chapter}"
         S.run(name)
-        found = S.cache.path(name, S.keys[name])
-        target = store / found.name
-        if not target.exists():
-            shutil.copytree(found if found.exists() else S.cache.stores[0] / found.name, target)
-        provenance["findings"][chapter] = {"artifact": target.name, "files": load_json(target / MANIFEST)["files"]}
+        row = S.cache.path(name, S.keys[name])  # built or reused locally, or already in the store
+        provenance["findings"][chapter] = {"artifact": row.name, "files": _copy_into(store, row)["files"]}
     provenance_path.write_text(json.dumps(provenance, indent=1, sort_keys=True))
     print(f"findings of {profile!r} seed {P.seed} exported to {store}/ ({len(NUMBERS)} chapters)")
     return 0
+
+
+def _profile(profile: str, seed: int | None):
+    """The profile, with `seed` in place of its own when given."""
+    import dataclasses
+
+    from lib.io.profiles import load_profile
+
+    P = load_profile(profile)
+    return P if seed is None else dataclasses.replace(P, seed=seed)
+
+
+def _copy_into(store: Path, artifact: Path) -> dict:
+    """Copy a cached artifact into `store` under its own name (unless the store holds it already) and return the
+    stored copy's manifest."""
+    import shutil
+
+    from lib.io.cache import MANIFEST, load_json
+
+    target = store / artifact.name
+    if not target.exists():
+        shutil.copytree(artifact, target)
+    return load_json(target / MANIFEST)
 
 
 def provenance_name(profile: str, seed: int) -> str:
