@@ -23,6 +23,32 @@ from lib.steps.saes import encoders
 
 # The thresholds that decide the flags (chapters 4 and 5); every step whose result depends on a flag reads them.
 FLAG_READS = ("diffing.variant", "diffing.eps", "diffing.q", "probing.min_odds", "probing.min_delta")
+# What a run of the lexical filter reads (`run_lexical_filter`), beside what picks its candidates.
+LEXICAL_READS = (*data_reads("probe"), "threads", "sae.batch_size", "probing.top_n", "probing.fire_threshold")
+
+
+def run_lexical_filter(ctx, vlm, adapted, keys, reading, prompts=None, **kw):
+    """lib.kernels.lexical.lexical_filter as every step runs it: the followed variant's adapted SAEs, the probe
+    samples and the profile's top-n and threshold (declared in LEXICAL_READS). `prompts` default to the
+    direction-free prompts of the profile's data (the paper's own on its data); `kw` go to the kernel."""
+    from lib.kernels import lexical as LX
+    from lib.sources import world as W
+
+    P = ctx.P
+    if prompts is None:
+        prompts = LX.PAPER_GENERIC_PROMPTS if P.paper is not None else W.GENERIC_PROMPTS
+    return LX.lexical_filter(
+        vlm,
+        encoders(adapted.saes[P.diffing.variant]),
+        keys,
+        ctx.data.probe,
+        P.probing.top_n,
+        P.probing.fire_threshold,
+        prompts,
+        reading,
+        batch_size=P.sae.batch_size,
+        **kw,
+    )
 
 
 def _build_with(ctx, into):
@@ -149,40 +175,19 @@ class Lexical(NamedTuple):
 @step(
     "lexical",
     after=("models", "adapted-saes", "feature-table", "spatial-stats"),
-    reads=(
-        *data_reads("probe"),
-        *FLAG_READS,
-        "threads",
-        "sae.batch_size",
-        "probing.top_n",
-        "probing.fire_threshold",
-        "probing.reading",
-    ),
+    reads=(*LEXICAL_READS, *FLAG_READS, "probing.reading"),
 )
 def lexical(ctx) -> Lexical:
     """The lexical filter on the candidates (adapted and spatial): top samples by activation on their own question,
     then the question swapped for each direction-free prompt (lib.kernels.lexical)."""
-    from lib.kernels import lexical as LX
     from lib.kernels.probing import feature_keys
-    from lib.sources import world as W
 
-    P, vlm, D, adapted = ctx.P, ctx.up("models"), ctx.data, ctx.up("adapted-saes")
+    P, vlm, adapted = ctx.P, ctx.up("models"), ctx.up("adapted-saes")
     table, _ = selection_table(P, ctx.up("feature-table"), ctx.up("spatial-stats"))
     keys = feature_keys(table[table.adapted & table.spatial][["layer", "feature"]])
-    prompts = LX.PAPER_GENERIC_PROMPTS if P.paper is not None else W.GENERIC_PROMPTS
 
     def build(out):
-        res = LX.lexical_filter(
-            vlm,
-            encoders(adapted.saes[P.diffing.variant]),
-            keys,
-            D.probe,
-            P.probing.top_n,
-            P.probing.fire_threshold,
-            prompts,
-            P.probing.reading,
-            batch_size=P.sae.batch_size,
-        )
+        res = run_lexical_filter(ctx, vlm, adapted, keys, P.probing.reading)
         save_table(out / "lexical.parquet", res.table)
         top = [
             dict(layer=k[0], feature=k[1], rank=r, sample=int(i), value=float(v))

@@ -8,9 +8,8 @@ import pandas as pd
 
 from lib.io.cache import load_table, save_table
 from lib.steps.data import data_reads
-from lib.steps.features import FLAG_READS
+from lib.steps.features import FLAG_READS, LEXICAL_READS, run_lexical_filter
 from lib.steps.registry import step
-from lib.steps.saes import encoders
 
 TRUTH_READS = (*data_reads("relation"), "threads", "sae.batch_size")
 
@@ -90,40 +89,20 @@ def _candidates(P, selection: pd.DataFrame):
 @step(
     "referee-lexical",
     after=("models", "adapted-saes", "selection"),
-    reads=(
-        *REFEREE_READS,
-        *data_reads("probe"),
-        "threads",
-        "sae.batch_size",
-        "probing.top_n",
-        "probing.fire_threshold",
-    ),
+    reads=(*REFEREE_READS, *LEXICAL_READS),
 )
 def referee_lexical(ctx) -> pd.DataFrame:
     """The paper's lexical filter (both readings) on every candidate of every referee row, so that each row's
     final set is the one the paper's pipeline would give under that choice."""
-    from lib.kernels import lexical as LX
     from lib.kernels import referee as R
     from lib.kernels.probing import feature_keys
-    from lib.sources import world as W
 
-    P, vlm, D, adapted = ctx.P, ctx.up("models"), ctx.data, ctx.up("adapted-saes")
+    P, vlm, adapted = ctx.P, ctx.up("models"), ctx.up("adapted-saes")
     table = ctx.up("selection").table
     keys = feature_keys(R.union_candidates(table, _candidates(P, table)[1]))
-    prompts = LX.PAPER_GENERIC_PROMPTS if P.paper is not None else W.GENERIC_PROMPTS
 
     def build(out):
-        res = LX.lexical_filter(
-            vlm,
-            encoders(adapted.saes[P.diffing.variant]),
-            keys,
-            D.probe,
-            P.probing.top_n,
-            P.probing.fire_threshold,
-            prompts,
-            P.probing.reading,
-            batch_size=P.sae.batch_size,
-        )
+        res = run_lexical_filter(ctx, vlm, adapted, keys, P.probing.reading)
         save_table(out / "lexical.parquet", res.table[["layer", "feature", "lexical_all", "lexical_image"]])
 
     return load_table(ctx.cached(build) / "lexical.parquet")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from lib.io.cache import load_table, save_table
 from lib.steps.data import data_reads
-from lib.steps.features import FLAG_READS, selection_table
+from lib.steps.features import FLAG_READS, LEXICAL_READS, run_lexical_filter, selection_table
 from lib.steps.registry import step
 from lib.steps.saes import encoders
 
@@ -36,20 +36,12 @@ class LexicalVocab(NamedTuple):
 @step(
     "referee-lexical-vocab",
     after=("models", "adapted-saes", "feature-table", "spatial-stats", "lexical"),
-    reads=(
-        *data_reads("probe"),
-        *FLAG_READS,
-        "threads",
-        "sae.batch_size",
-        "probing.top_n",
-        "probing.fire_threshold",
-    ),
+    reads=(*LEXICAL_READS, *FLAG_READS),
 )
 def lexical_vocab(ctx) -> LexicalVocab | None:
     """The lexical filter with in-vocabulary prompts and the post-image reading, on the lexical step's candidates
     and top samples (so only the prompts and the reading differ from the paper's filter)."""
     from lib.kernels import counterfactual as CF
-    from lib.kernels import lexical as LX
     from lib.kernels.probing import ALL_READINGS, TopSamples, feature_keys
 
     P, D = ctx.P, ctx.data
@@ -60,17 +52,14 @@ def lexical_vocab(ctx) -> LexicalVocab | None:
     keys = feature_keys(table[table.adapted & table.spatial][["layer", "feature"]])
 
     def build(out):
-        res = LX.lexical_filter(
+        res = run_lexical_filter(
+            ctx,
             vlm,
-            encoders(adapted.saes[P.diffing.variant]),
+            adapted,
             keys,
-            D.probe,
-            P.probing.top_n,
-            P.probing.fire_threshold,
-            CF.IN_VOCAB_PROMPTS,
             "post_image",
+            CF.IN_VOCAB_PROMPTS,
             top=TopSamples.from_frame(lex.top, keys, "text"),
-            batch_size=P.sae.batch_size,
             readings=ALL_READINGS,
         )
         save_table(out / "lexical.parquet", res.table)
