@@ -124,9 +124,10 @@ def test_a_larger_census_rekeys_the_census_alone_and_thresholds_only_what_reads_
     assert diff(attribution={"top_k": 3}) == {"causal-checks", "head-sets", "seeds-attribution"}
 
 
-def test_the_committed_organism_resolves_under_the_default_profile():
-    keys = step_keys(load_profile("default"))
-    provenance = json.loads((COMMITTED / "PROVENANCE-default.json").read_text())
+@pytest.mark.parametrize("profile", ["default", "v2"])
+def test_the_committed_organism_resolves_under_its_profile(profile):
+    keys = step_keys(load_profile(profile))
+    provenance = json.loads((COMMITTED / f"PROVENANCE-{profile}.json").read_text())
     for name in ("lm", "tower", "vlm"):
         assert provenance[name]["key"] == keys[name], f"{name}: the committed artifact no longer resolves"
         assert (COMMITTED / f"{name}-{keys[name][:16]}" / "MANIFEST.json").exists()
