@@ -37,36 +37,22 @@ def with_settings(P, settings: list[str]):
     return P
 
 
-@torch.no_grad()
 def where_binding(vlm, tokenizer, samples) -> tuple[pd.DataFrame, int, int]:
     """The `where` questions among `samples`: accuracy by whether another object shares the queried object's row, the
-    number of misses, and how many of them answer with another object's cell."""
+    number of misses, and how many of them answer with another object's cell (each miss scored again with every
+    other object's cell as its answer)."""
     samples = [s for s in samples if s.qtype == "where"]
-    n_img = vlm.config.image_seq_length
-    embeds_bpd = vlm.model.multi_modal_projector(O.image_features(vlm, samples))
-    rows = []
-    for i in range(0, len(samples), 256):
-        chunk = samples[i : i + 256]
-        text = O.encode(tokenizer, [O.vlm_text(s.question, n_img) for s in chunk], [s.answer for s in chunk])
-        logits = O.vlm_forward(vlm, text, embeds_bpd[i : i + 256]).logits
-        correct_b = O._correct(logits, text)
-        predicted_bs = logits[:, :-1].argmax(-1)
-        answer_bs = text.answer_mask_bs[:, 1:].bool()
-        for b, s in enumerate(chunk):
-            said = tokenizer.decode(predicted_bs[b][answer_bs[b]]).replace(O.EOS, "").strip()
-            target = next(o for o in s.scene.objects if o.shape == s.subject)
-            others = [o for o in s.scene.objects if o is not target]
-            rows.append(
-                dict(
-                    correct=bool(correct_b[b]),
-                    shares_row=any(o.row == target.row for o in others),
-                    another_cell=any(o.where == said for o in others),
-                )
-            )
-    df = pd.DataFrame(rows)
-    misses = df[~df.correct]
+    correct = O.vlm_correct(vlm, tokenizer, samples).tolist()
+    others = [[o for o in s.scene.objects if o.shape != s.subject] for s in samples]
+    target_rows = [next(o.row for o in s.scene.objects if o.shape == s.subject) for s in samples]
+    shares_row = [any(o.row == r for o in os) for os, r in zip(others, target_rows, strict=True)]
+    misses = [i for i, c in enumerate(correct) if not c]
+    swapped = [(i, dataclasses.replace(samples[i], answer=o.where)) for i in misses for o in others[i]]
+    said_other = O.vlm_correct(vlm, tokenizer, [s for _, s in swapped]).tolist() if swapped else []
+    binding = {i for (i, _), hit in zip(swapped, said_other, strict=True) if hit}
+    df = pd.DataFrame({"correct": correct, "shares_row": shares_row})
     table = df.groupby("shares_row").correct.agg(accuracy="mean", n="size")
-    return table, len(misses), int(misses.another_cell.sum())
+    return table, len(misses), len(binding)
 
 
 def main(argv=None) -> None:

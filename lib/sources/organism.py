@@ -341,15 +341,16 @@ def image_features(vlm: LlavaForConditionalGeneration, samples: list[world.Sampl
 
 
 @torch.no_grad()
-def evaluate_vlm(
+def vlm_correct(
     vlm: LlavaForConditionalGeneration,
     tokenizer,
     samples: list[world.Sample],
     corrupt: str | None = None,
     batch_size: int = 256,
-) -> pd.DataFrame:
-    """Held-out accuracy per question type. `corrupt="mean_image"` replaces every image embedding by the mean
-    image-token embedding over `samples` (text unchanged): spatial accuracy should fall to chance."""
+) -> torch.Tensor:
+    """Per sample, whether the VLM gives its answer (`_correct`: every answer word the argmax, teacher-forced).
+    `corrupt="mean_image"` replaces every image embedding by the mean image-token embedding over `samples` (text
+    unchanged): spatial accuracy should fall to chance."""
     assert corrupt in (None, "mean_image"), f"corrupt must be None or 'mean_image', got {corrupt!r}"
     vlm.eval()
     n_img = vlm.config.image_seq_length
@@ -361,7 +362,18 @@ def evaluate_vlm(
         chunk = samples[i : i + batch_size]
         text = encode(tokenizer, [vlm_text(s.question, n_img) for s in chunk], [s.answer for s in chunk])
         correct.append(_correct(vlm_forward(vlm, text, embeds_bpd[i : i + batch_size]).logits, text))
-    return accuracy_table(samples, torch.cat(correct))
+    return torch.cat(correct)
+
+
+def evaluate_vlm(
+    vlm: LlavaForConditionalGeneration,
+    tokenizer,
+    samples: list[world.Sample],
+    corrupt: str | None = None,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """Held-out accuracy per question type with the majority baseline (`vlm_correct`, `corrupt` as there)."""
+    return accuracy_table(samples, vlm_correct(vlm, tokenizer, samples, corrupt, batch_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
