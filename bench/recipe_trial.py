@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tomllib
 
 import pandas as pd
 import torch
@@ -27,12 +28,12 @@ from lib.steps.study import Study
 
 
 def with_settings(P, settings: list[str]):
-    """The profile with each `section.field=value` replaced (the value parsed as the field's current type)."""
+    """The profile with each `section.field=value` replaced (the value read as TOML, as the profile files are)."""
     for setting in settings:
         path, _, value = setting.partition("=")
         section, _, field = path.partition(".")
         part = getattr(P, section)
-        new = type(getattr(part, field))(value)
+        new = tomllib.loads(f"v = {value}")["v"]
         P = dataclasses.replace(P, **{section: dataclasses.replace(part, **{field: new})})
     return P
 
