@@ -81,8 +81,11 @@ def test_export_then_verify_reproduces_the_organism_bit_for_bit(tmp_path, monkey
     assert not (tmp_path / "verify-tiny").exists(), "a passed verification removes its own cache"
     # a fresh cache over the same store trains nothing: the store already holds each model under its key
     monkeypatch.setenv("SPATIAL_CACHE", str(tmp_path / "fresh"))
+    provenance = (store / "PROVENANCE-tiny.json").read_bytes()
+    monkeypatch.setattr("sys.argv", ["later", "--profile", "tiny"])  # another command, which must not be recorded
     assert export_organism("tiny", store) == 0
     assert not list((tmp_path / "fresh").glob("*-*")), "a model the store holds was trained again"
+    assert (store / "PROVENANCE-tiny.json").read_bytes() == provenance, "a re-export overwrote who made the organism"
     # a committed weight that no longer matches what the code trains is reported
     weights = next(store.glob("vlm-*")) / "MANIFEST.json"
     text = weights.read_text()

@@ -74,8 +74,15 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
         "transformers": transformers.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
     }
-    (store / provenance_name(profile, P.seed)).write_text(json.dumps(provenance, indent=1, sort_keys=True))
-    print(f"organism of {profile!r} exported to {store}/ ({', '.join(provenance[n]['artifact'] for n in MODEL_STEPS)})")
+    names = ", ".join(provenance[n]["artifact"] for n in MODEL_STEPS)
+    path = store / provenance_name(profile, P.seed)
+    if path.exists() and all(load_json(path).get(n, {}).get("files") == provenance[n]["files"] for n in MODEL_STEPS):
+        # Already exported: its provenance says which commit and command made it, and a later run must not
+        # overwrite that with its own (it trained nothing, or retrained the same bits).
+        print(f"organism of {profile!r} seed {P.seed} already in {store}/ ({names}); {path.name} kept")
+        return 0
+    path.write_text(json.dumps(provenance, indent=1, sort_keys=True))
+    print(f"organism of {profile!r} exported to {store}/ ({names})")
     return 0
 
 
