@@ -75,8 +75,8 @@ print("least aligned base-initialised variant per layer:", based.idxmin().to_dic
 # zero). For the others, the two printed lines name the most and the least aligned base-initialised variant at
 # each layer: the paper's picture would have text-only the most aligned everywhere and image-only among the least
 # aligned in the shallow layers; compare it with those lines. The medians show how far any of them moves from 1
-# in one pass over the adaptation pairs at lr 2e-4; the organism's four layers leave no separate shallow and
-# late regime to compare.
+# in one pass over the adaptation pairs at lr 2e-4. The organism's layers are the table's columns: with so few, the
+# paper's shallow and late regimes are at most its first and last columns.
 
 # %%
 out.figure(FG.plot_cosine_histograms(tv, cos_max), "cosine_histograms")
