@@ -8,6 +8,7 @@ import pytest
 
 from lib.io.cache import COMMITTED, Cache
 from lib.io.profiles import available_profiles, load_profile
+from lib.steps.organism import committed_training_seconds
 from lib.steps.registry import STEPS, ProfileView, UndeclaredRead, descendants, step_keys
 from lib.steps.study import Study
 
@@ -132,6 +133,16 @@ def test_the_committed_organism_resolves_under_its_profile(profile):
         assert provenance[name]["key"] == keys[name], f"{name}: the committed artifact no longer resolves"
         assert (COMMITTED / f"{name}-{keys[name][:16]}" / "MANIFEST.json").exists()
         Cache(stores=()).verify(COMMITTED / provenance[name]["artifact"])  # checksums as committed
+
+
+def test_the_committed_training_times_cover_every_committed_organism():
+    """Chapter 2 compares this organism's training time with every committed one: each profile's seed-0 provenance
+    file is a row, and its stages add up to its total."""
+    table = committed_training_seconds().set_index("profile")
+    files = {p.stem.removeprefix("PROVENANCE-") for p in COMMITTED.glob("PROVENANCE-*.json")}
+    assert set(table.index) == {name for name in files if "-seed" not in name} and len(table) >= 2
+    stages = table[[c for c in table.columns if c != "total_s"]]
+    assert (stages > 0).all().all() and (stages.sum(axis=1) - table.total_s).abs().max() < 1e-6
 
 
 def test_a_step_cannot_read_a_field_it_does_not_declare():

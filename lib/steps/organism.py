@@ -197,6 +197,23 @@ def training_seconds(artifacts: dict) -> dict[str, float]:
     }
 
 
+def committed_training_seconds() -> pd.DataFrame:
+    """`training_seconds` of every committed organism (seed 0 of each profile: artifacts/PROVENANCE-<profile>.json),
+    one row per profile with the stages and their total: how long each recipe took on the CPU that ran `make
+    organism`, read from the committed files (nothing is trained or loaded)."""
+    from lib.io.cache import COMMITTED, load_json
+
+    rows = []
+    for path in sorted(COMMITTED.glob("PROVENANCE-*.json")):
+        profile = path.stem.removeprefix("PROVENANCE-")
+        if "-seed" in profile:
+            continue
+        provenance = load_json(path)
+        seconds = training_seconds({name: COMMITTED / provenance[name]["artifact"] for name in MODEL_STEPS})
+        rows.append({"profile": profile, **{f"{k}_s": v for k, v in seconds.items()}, "total_s": sum(seconds.values())})
+    return pd.DataFrame(rows)
+
+
 N_PRIOR = 20_000  # questions the text-only guess learns from (at most 48 texts per type: about 45 samples each)
 
 
