@@ -1,14 +1,13 @@
 """The step declarations (lib/steps/registry.py): every key is a hash of exactly the fields a step reads and the
-keys of the steps it follows, a step cannot read what it does not declare, and the committed organism resolves."""
+keys of the steps it follows, and a step cannot read what it does not declare (the committed artifacts:
+tests/test_committed.py)."""
 
 import dataclasses
-import json
 
 import pytest
 
-from lib.io.cache import COMMITTED, Cache
+from lib.io.cache import Cache
 from lib.io.profiles import available_profiles, load_profile
-from lib.steps.organism import committed_training_seconds
 from lib.steps.registry import STEPS, ProfileView, UndeclaredRead, descendants, step_keys
 from lib.steps.study import Study
 
@@ -123,26 +122,6 @@ def test_a_larger_census_rekeys_the_census_alone_and_thresholds_only_what_reads_
     assert diff(probing={"min_auroc": 0.8}) == {"ground-truth-check", "seeds-probing"}  # and chapter 5's seed row
     assert "head-scores" not in diff(attribution={"top_k": 3})
     assert diff(attribution={"top_k": 3}) == {"causal-checks", "head-sets", "seeds-attribution"}
-
-
-@pytest.mark.parametrize("profile", ["default", "v2"])
-def test_the_committed_organism_resolves_under_its_profile(profile):
-    keys = step_keys(load_profile(profile))
-    provenance = json.loads((COMMITTED / f"PROVENANCE-{profile}.json").read_text())
-    for name in ("lm", "tower", "vlm"):
-        assert provenance[name]["key"] == keys[name], f"{name}: the committed artifact no longer resolves"
-        assert (COMMITTED / f"{name}-{keys[name][:16]}" / "MANIFEST.json").exists()
-        Cache(stores=()).verify(COMMITTED / provenance[name]["artifact"])  # checksums as committed
-
-
-def test_the_committed_training_times_cover_every_committed_organism():
-    """Chapter 2 compares this organism's training time with every committed one: each profile's seed-0 provenance
-    file is a row, and its stages add up to its total."""
-    table = committed_training_seconds().set_index("profile")
-    files = {p.stem.removeprefix("PROVENANCE-") for p in COMMITTED.glob("PROVENANCE-*.json")}
-    assert set(table.index) == {name for name in files if "-seed" not in name} and len(table) >= 2
-    stages = table[[c for c in table.columns if c != "total_s"]]
-    assert (stages > 0).all().all() and (stages.sum(axis=1) - table.total_s).abs().max() < 1e-6
 
 
 def test_a_step_cannot_read_a_field_it_does_not_declare():
