@@ -332,8 +332,9 @@ else:
 #   over held-out questions of the same template (type and length) *at the same position*, BOS never patched: the
 #   all-position mean puts at the answer position a vector the head never writes there, which costs every type
 #   alike (shown below for comparison, on the first third of the items).
-# * **The random control as a distribution.** With k = `attribution.top_k` heads in a four-head layer, chapter 6's
-#   random control was the complementary pair of the same layer, one condition drawn several times. Here: every
+# * **The random control as a distribution.** Chapter 6's random control is `attribution.n_random` draws of k =
+#   `attribution.top_k` heads from the top heads' layers: a few conditions (on an organism with four heads per
+#   layer and k = 2, the same complementary pair drawn again and again), too few to place the top heads. Here: every
 #   k-set of heads from the layers the attribution scores (or `referee.n_head_draws` random ones, if there are
 #   more), each ablated together, and the paper's top-k set and the null-corrected top-k set placed in that
 #   distribution (first third of the sweep's items).
