@@ -567,17 +567,10 @@ claims = pd.DataFrame(
             pipeline="features selected for rotation (decoder cosine below the pooled percentile)",
             ground_truth=f"of {len(em)} reference features, {int((em.verdict == 'new').sum()) if len(em) else 0} new, "
             f"{int((em.verdict == 'reused').sum()) if len(em) else 0} reused from the base LM",
-            why="a feature can carry the relation without rotating; the rotation filter drops most reference features",
+            why=f"a feature can carry the relation without rotating: the rotation filter is the first to drop "
+            f"{drops.get('dec_cos', 0)} of the {int(pipeline_row.reference)} reference features",
         ),
-        dict(
-            claim="a few attention heads drive the spatial features",
-            pipeline=f"top heads {heads_str(paper_heads.top)}",
-            ground_truth=f"null-corrected best {heads_str(null.top[:1])}: ablation costs "
-            f"{nb.spatial_accuracy_cost:.1f} points on spatial types, {nb.control_accuracy_cost:.1f} on control; "
-            f"the paper's top set ranks {int(placement.spatial_rank.iloc[0])} / {int(placement.n_draws.iloc[0])} "
-            f"on spatial and {int(placement.control_rank.iloc[0])} on control cost",
-            why="the aggregation favours shallow heads; the mean image credits any head that reads the image",
-        ),
+        RH.head_claim(costs, placement, sets, paper_heads.top, null.top),
         dict(
             claim="attribution patching approximates activation patching",
             pipeline=f"Spearman {pooled:.3f} pooled over (feature, head) pairs",

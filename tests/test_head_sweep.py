@@ -73,6 +73,38 @@ def test_place_gives_rank_and_mid_rank_percentile():
     assert HS.place(-1.0, dist) == HS.Placement(6, 0.0, 5)
 
 
+@pytest.mark.parametrize("specific", [True, False])
+def test_the_head_claim_states_only_what_the_numbers_show(specific):
+    """Chapter 7's head row: the paper's top set is called spatial-specific only where it sits high on spatial cost
+    and low on control cost among random sets; a best head above the scored layers, and a null-corrected set that
+    differs from the paper's, are named only when they are so."""
+    from lib.steps import referee_heads as RH
+
+    costs = pd.DataFrame(
+        dict(
+            layer=[0, 0, 3],
+            head=[0, 1, 1],
+            spatial_accuracy_cost=[9.0, 2.0, 16.0],
+            control_accuracy_cost=[0.0, 0.0, 0.0],
+        )
+    )
+    costs["rank_specific"] = [2, 3, 1]
+    row = lambda name, sp, cp: dict(  # noqa: E731
+        set=name, n_draws=100, spatial_rank=1, spatial_percentile=sp, control_rank=50, control_percentile=cp
+    )
+    paper = row("paper's top k", 0.99, 0.2) if specific else row("paper's top k", 0.99, 0.9)
+    placement = pd.DataFrame([paper, row("null-corrected top k", 0.7, 0.2)])
+    sets = RH.HeadSets(table=pd.DataFrame(), info={"eligible": ["L0H0", "L0H1", "L1H0", "L1H1"]})
+    claim = RH.head_claim(costs, placement, sets, [(0, 0), (0, 1)], [(0, 0), (1, 1)])
+    assert "most spatial-specific single head L3H1" in claim["ground_truth"]
+    assert ("is spatial-specific" in claim["why"]) == specific
+    assert ("costs the control types too" in claim["why"]) == (not specific)
+    assert "L3H1 is in layer 3, above every layer the attribution scores (0-1" in claim["why"]
+    assert "becomes L0H0, L1H1" in claim["why"]
+    same = RH.head_claim(costs[costs.layer == 0], placement, sets, [(0, 0), (0, 1)], [(0, 1), (0, 0)])
+    assert "above every layer" not in same["why"] and "becomes" not in same["why"]
+
+
 def test_head_sets_are_exhaustive_when_few_and_drawn_otherwise():
     heads = [(l, h) for l in range(3) for h in range(4)]
     sets, exhaustive = HS.head_sets(heads, 2, n_draws=500, seed=0)

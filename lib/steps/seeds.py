@@ -157,11 +157,10 @@ def _ground_truth(ctx) -> dict:
     precision and recall (the referee's first row); the most spatial-specific head (its single ablation costs the
     spatial question types most beyond what it costs the control types) and its cost on each (points of accuracy,
     the head sweep's matched means)."""
-    from lib.steps.referee_heads import sweep_costs
+    from lib.steps.referee_heads import most_specific_head, sweep_costs
 
     paper = ctx.up("referee")["rows"].iloc[0]
-    costs = sweep_costs(ctx.up("head-sweep"))
-    best = costs.loc[costs.rank_specific.idxmin()]  # the largest spatial minus control cost
+    best = most_specific_head(sweep_costs(ctx.up("head-sweep")))
     return {
         **{n: paper[n] for n in ("reference", "final", "found", "precision", "recall")},
         "best_head": f"L{int(best.layer)}H{int(best['head'])}",
