@@ -219,8 +219,8 @@ print(
 
 # %% [markdown]
 # The image tokens' reading cannot tell the prompts apart (its spread is exactly zero): it is no test of words.
-# The text after the image can, and with prompts the organism was trained on, fewer candidates pass. A feature
-# that still passes fires on every one of its top samples under at least one of these prompts; that is what the
+# The text after the image can: its spread is printed above, and the survivors under each prompt set and reading
+# beside it (compare the paper's filter with the own-words `post_image` reading). A feature that still passes fires on every one of its top samples under at least one of these prompts; that is what the
 # filter asks, and it does not yet say whether the feature reads the image. The twins do.
 
 # %%
@@ -592,9 +592,9 @@ claims = pd.DataFrame(
 out.table(claims, "claims")
 
 # %% [markdown]
-# Where the two columns disagree, the last column says which of the pipeline's choices is responsible: the
-# pipeline asks its statistics at positions or under corruptions where the organism does not compute the relation,
-# and its filters select for rotation and image energy, which the features that carry the relation need not have.
+# The last column is computed with the rest: where the pipeline and the ground truth disagree, it names the choice
+# of the pipeline that the numbers above implicate (the filter that dropped the reference features first, the
+# position the statistic is read at, the layers the attribution can score); where they agree, it says so.
 
 # %% [markdown]
 # ## Across seeds
