@@ -55,6 +55,7 @@ from lib.kernels import counterfactual as CF
 from lib.kernels import head_checks as HC
 from lib.kernels import truth as T
 from lib.sources import world as W
+from lib.sources.organism_config import CAPTION_PROMPTS
 from lib.steps import heads as HD
 from lib.steps import referee_heads as RH
 from lib.steps import seeds as SD
@@ -164,8 +165,10 @@ print("first filter that dropped each reference feature:", dropped.dropped_by.va
 # feature that still fires. On the organism that test cannot fail a feature that reads words. The prompt is
 # `<bos> user : <image> {question} assistant :`: under causal attention the image tokens come before the question
 # and never see it, so the "image" reading gives the same value under every prompt, and the "all" reading (image
-# and text together) passes any feature that fires on the image. And most of the prompts hold words that no
-# training stream contains, whose embeddings were never trained. Three repairs, each computed below:
+# and text together) passes any feature that fires on the image. And where the VLM's only caption instruction was
+# "describe the image ." (the profile's `vlm.caption_prompts`; organism v1), most of the prompts hold words that no
+# training stream contains, whose embeddings were never trained (the table below checks this organism's streams).
+# Three repairs, each computed below:
 #
 # 1. **Prompts in the organism's own words** (`lib.kernels.counterfactual.IN_VOCAB_PROMPTS`): each is a question or
 #    instruction the VLM was trained on (the caption instruction, the count, exist, colour and shape questions),
@@ -181,7 +184,7 @@ print("first filter that dropped each reference feature:", dropped.dropped_by.va
 #    object swap, and one that carries the answer moves under both.
 
 # %%
-words = CF.stream_words(CF.stream_texts(P.seed))
+words = CF.stream_words(CF.stream_texts(P.seed, instructions=CAPTION_PROMPTS[P.vlm.caption_prompts]))
 prompt_check = pd.concat(
     [
         CF.prompt_words(W.GENERIC_PROMPTS, words).assign(prompts="paper-style (chapter 5)"),
@@ -220,8 +223,9 @@ print(
 # %% [markdown]
 # The image tokens' reading cannot tell the prompts apart (its spread is exactly zero): it is no test of words.
 # The text after the image can: its spread is printed above, and the survivors under each prompt set and reading
-# beside it (compare the paper's filter with the own-words `post_image` reading). A feature that still passes fires on every one of its top samples under at least one of these prompts; that is what the
-# filter asks, and it does not yet say whether the feature reads the image. The twins do.
+# beside it (compare the paper's filter with the own-words `post_image` reading). A feature that still passes
+# fires on every one of its top samples under at least one of these prompts; that is what the filter asks, and it
+# does not yet say whether the feature reads the image. The twins do.
 
 # %%
 cf = S.run("referee-counterfactual")

@@ -50,6 +50,16 @@ def test_in_vocabulary_prompts_use_only_trained_words_and_no_spatial_word(words)
     assert set(" ".join(paper.unseen).split()) == {"do", "you", "see", "in", "arranged", "list", "picture"}
 
 
+def test_the_streams_carry_the_profiles_caption_instructions():
+    """An organism trained with the paper-style prompts as its caption instructions (`vlm.caption_prompts =
+    "generic"`, organism v2) has every word of them in its VLM stream, so chapter 7 must not call them unseen."""
+    from lib.sources.organism_config import CAPTION_PROMPTS
+
+    generic = CF.stream_words(CF.stream_texts(seed=0, n=900, instructions=CAPTION_PROMPTS["generic"]))
+    assert CF.prompt_words(W.GENERIC_PROMPTS, generic).in_vocabulary.all()
+    assert CF.stream_texts(seed=0, n=9) == CF.stream_texts(seed=0, n=9, instructions=CAPTION_PROMPTS["describe"])
+
+
 def test_the_streams_hold_every_template_word_and_the_positional_words_only_before_positions(words):
     seen = set(words.word[words.vlm > 0])
     for w in (*W.SHAPES, *W.COLORS, *W.ROWS, *W.COLS, "statement", "correct", "describe", "many"):

@@ -61,20 +61,23 @@ IN_VOCAB_PROMPTS = (
 )
 
 
-def stream_texts(seed: int = 0, n: int = 900) -> dict[str, list[str]]:
+def stream_texts(seed: int = 0, n: int = 900, instructions: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Texts of the organism's training streams, drawn as its training draws them (lib/sources/organism_training):
-    `lm` = `lm_prompt(caption, question) answer` (the base LM), `vlm` = `vlm_prompt(question) answer` and the
-    caption instruction with the caption as its answer (VLM stages 1 and 2). Samples of two or three objects of
-    every question type, plus one-object scenes of the non-relational types; n = 900 is 100 cycles of the nine
+    `lm` = `lm_prompt(caption, question) answer` (the base LM), `vlm` = `vlm_prompt(question) answer` and a
+    caption instruction with the caption as its answer (VLM stages 1 and 2; `instructions` in turn, as the
+    profile's `vlm.caption_prompts` gives them: "describe the image ." when None). Samples of two or three objects
+    of every question type, plus one-object scenes of the non-relational types; n = 900 is 100 cycles of the nine
     types, enough to produce every word a template can."""
     from lib.sources.organism_training import CAPTION_PROMPT, NON_RELATIONAL
+
+    instructions = instructions or (CAPTION_PROMPT,)
 
     samples = W.make_samples(seed, "vlm-train", n) + W.make_samples(
         seed, "vlm-train-single", n // 3, qtypes=NON_RELATIONAL, n_objects=(1,)
     )
     lm = [f"{W.lm_prompt(s.scene.caption(), s.question)} {s.answer}" for s in samples]
     vlm = [f"{W.vlm_prompt(s.question)} {s.answer}" for s in samples]
-    vlm += [f"{W.vlm_prompt(CAPTION_PROMPT)} {s.scene.caption()}" for s in samples]
+    vlm += [f"{W.vlm_prompt(instructions[i % len(instructions)])} {s.scene.caption()}" for i, s in enumerate(samples)]
     return {"lm": lm, "vlm": vlm}
 
 
