@@ -19,6 +19,7 @@ PROVENANCE = {p.stem.removeprefix("PROVENANCE-"): p for p in sorted(COMMITTED.gl
 PROFILES = [name for name in PROVENANCE if "-seed" not in name]  # seed 0 of a profile keeps the profile's name
 # (profile, seed) for each seed a profile's book reports beside its own (`referee.seeds`), read from artifacts/
 EXTRA_SEEDS = [(p, s) for p in PROFILES for s in load_profile(p).referee.seeds if s != load_profile(p).seed]
+SAMPLE = [(p, s) for p, s in EXTRA_SEEDS if s == max(t for q, t in EXTRA_SEEDS if q == p)]  # one per profile
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -47,10 +48,10 @@ def test_every_extra_seed_is_committed_down_to_its_findings(profile, seed):
         Cache(stores=()).verify(COMMITTED / artifact)
 
 
-@pytest.mark.parametrize("profile, seed", EXTRA_SEEDS)
+@pytest.mark.parametrize("profile, seed", SAMPLE)
 def test_an_extra_seeds_accuracy_row_is_what_its_committed_organism_scores(profile, seed, tmp_path):
-    """The sample CI recomputes (about a minute per seed): chapter 2's held-out accuracy of the committed organism,
-    scored afresh, equals the committed findings row the book reads for that seed."""
+    """The sample CI recomputes (one seed per profile, about a minute): chapter 2's held-out accuracy of the
+    committed organism, scored afresh, equals the committed findings row the book reads for that seed."""
     S = Study(dataclasses.replace(load_profile(profile), seed=seed), Cache(tmp_path, stores=(COMMITTED,)))
     row = S.run("seeds-accuracy").iloc[0]  # read from artifacts/
     accuracy = S.heldout_accuracy.set_index("qtype")  # scored here, from the committed organism
