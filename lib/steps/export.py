@@ -51,10 +51,12 @@ def export_organism(profile: str, store: Path, verify: bool = False, seed: int |
         if not bad:
             shutil.rmtree(scratch)
         return 1 if bad else 0
-    arts = S.organism.artifacts
-    store.mkdir(parents=True, exist_ok=True)
+    # The code this process runs is the checkout as it starts (every step module is imported by then): later
+    # commits or edits while it trains do not change what trains.
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "lib"], capture_output=True, text=True).stdout)
+    arts = S.organism.artifacts
+    store.mkdir(parents=True, exist_ok=True)
     provenance = {}
     for name in MODEL_STEPS:
         manifest = _copy_into(store, arts[name].path)
