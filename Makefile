@@ -10,7 +10,7 @@
 #   make organism [PROFILE=default] [SEED=n]  train the organism on this CPU and export it to artifacts/ (+ provenance;
 #                                      SEED replaces the profile's seed)
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
-#   make seed PROFILE=v2 SEED=n        `make organism` for seed n, then its whole pipeline to every chapter's
+#   make seed SEED=n [PROFILE=default] `make organism` for seed n, then its whole pipeline to every chapter's
 #                                      findings row, committed beside it (the book reads the rows of extra seeds)
 #   make test                          unit tests and chapter smoke runs (no built book needed)
 #   make rendered                      load every page of the built book in headless Chromium
@@ -122,7 +122,7 @@ organism: $(STAMP)
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) $(if $(SEED),--seed $(SEED))
 
 seed: $(STAMP)
-	@test -n "$(SEED)" || { echo "make seed: name the seed, e.g. make seed PROFILE=v2 SEED=1"; exit 2; }
+	@test -n "$(SEED)" || { echo "make seed: name the seed, e.g. make seed SEED=1"; exit 2; }
 	$(OFFLINE) $(PY) -m lib.steps.export --profile $(PROFILE) --seed $(SEED) --findings
 
 organism-verify: $(STAMP)

@@ -1,8 +1,9 @@
 """Benchmark: distributed SAE adaptation (lib/kernels/adaptation_distributed.py) against the single process, on this
-CPU, on the default profile's bank (its organism VLM, 4 layers x 4 variants of 512-wide TopK SAEs, k 16).
+CPU, on a profile's bank (`--profile`; v1's, as bench/README.md records: its organism VLM, 4 layers x 4 variants of
+512-wide TopK SAEs, k 16).
 
 Not a test. Each configuration runs in fresh processes (torch.multiprocessing spawn, gloo on 127.0.0.1, one torch
-thread per process) on the same `--steps` world batches of 8 (image, question) pairs of the default profile's
+thread per process) on the same `--steps` world batches of 8 (image, question) pairs of the profile's
 adaptation data, and reports per process:
 - peak memory: the process's peak resident set (VmHWM), and its growth from just before the SAEs were built to the
   end of training (VmHWM - VmRSS before): the training part, SAEs and activations, without Python, torch and the
@@ -20,8 +21,8 @@ Held-out evaluation runs only at step 0 and at the end, on 16 pairs (2 world bat
 rounded Adam (lib/kernels/bf16_adam.py), and in bfloat16 with torch's Adam (round to nearest), and prints the
 held-out FVU of each variant at the end (held-out: the profile's first 64 pairs).
 
-Run: nice -n 10 .venv/bin/python bench/bench_distributed.py [--steps 100] [--ranks 1 2 4]
-(a few minutes: most of it is process start-up; SPATIAL_CACHE=dir to use another artifact cache; the default
+Run: nice -n 10 .venv/bin/python bench/bench_distributed.py [--profile v1] [--steps 100] [--ranks 1 2 4]
+(a few minutes: most of it is process start-up; SPATIAL_CACHE=dir to use another artifact cache; the
 profile's base SAEs are built there first if missing, about a minute).
 """
 
@@ -59,11 +60,11 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def _study(steps: int, heldout: int = HELDOUT_PAIRS):
+def _study(steps: int, heldout: int = HELDOUT_PAIRS, profile: str = "default"):
     from lib.io.profiles import load_profile
     from lib.steps.study import Study
 
-    P = load_profile("default")
+    P = load_profile(profile)
     P = dataclasses.replace(
         P, sae=dataclasses.replace(P.sae, adapt_pairs=steps * P.sae.batch_size, heldout_pairs=heldout)
     )
@@ -92,7 +93,7 @@ def _sae_bytes(params, optimizer, buffers) -> int:
     return sum(size(p) for p in params) + grads + state + sum(size(b) for b in buffers)
 
 
-def worker(rank: int, world: int, port: int, steps: int, out: str, single: bool) -> None:
+def worker(rank: int, world: int, port: int, steps: int, out: str, single: bool, profile: str) -> None:
     torch.set_num_threads(1)
     from lib.kernels import activations, adaptation, adaptation_distributed, sae_distributed
     from lib.kernels.sae_sharding import ShardPlan, memory_per_rank
@@ -102,7 +103,7 @@ def worker(rank: int, world: int, port: int, steps: int, out: str, single: bool)
     if not single:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))  # fmt: skip
-    S = _study(steps)
+    S = _study(steps, profile=profile)
     P, vlm, base = S.P, S.vlm, S.base_saes.saes
     D = S.data
     adapt, heldout = [D.adapt[i] for i in range(len(D.adapt))], list(D.heldout)
@@ -173,7 +174,7 @@ def worker(rank: int, world: int, port: int, steps: int, out: str, single: bool)
         dist.destroy_process_group()
 
 
-def dtype_worker(rank: int, port: int, steps: int, dtype: str, out: str) -> None:
+def dtype_worker(rank: int, port: int, steps: int, dtype: str, out: str, profile: str) -> None:
     torch.set_num_threads(1)
     from lib.kernels import adaptation_distributed, sae_distributed
     from lib.kernels.sae_training import TrainConfig
@@ -184,7 +185,7 @@ def dtype_worker(rank: int, port: int, steps: int, dtype: str, out: str) -> None
             [p for b in banks for p in b.parameters()], lr=lr, betas=betas, eps=eps, fused=True
         )
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    S = _study(steps, heldout=64)
+    S = _study(steps, heldout=64, profile=profile)
     P, vlm, base, D = S.P, S.vlm, S.base_saes.saes, S.data
     layers = sae_layers(P, vlm)
     res = adaptation_distributed.adapt_saes_sharded(
@@ -197,11 +198,11 @@ def dtype_worker(rank: int, port: int, steps: int, dtype: str, out: str) -> None
     dist.destroy_process_group()
 
 
-def dtype_check(steps: int) -> None:
+def dtype_check(steps: int, profile: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         names = ("float32", "bfloat16", "bfloat16-nearest")
         for name in names:
-            mp.spawn(dtype_worker, args=(free_port(), steps, name, out), nprocs=1)
+            mp.spawn(dtype_worker, args=(free_port(), steps, name, out, profile), nprocs=1)
         fvu = {name: json.loads(Path(out, f"{name}.json").read_text()) for name in names}
     print(f"held-out FVU (all tokens) after {steps} steps, one process:")
     print("| SAEs' weights and Adam state | " + " | ".join(fvu["float32"]) + " |")
@@ -220,26 +221,27 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="default", help="an organism profile (bench/README.md: v1)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--dtype-check", action="store_true", help="float32 vs bfloat16 quality, one process")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    S = _study(args.steps)
+    S = _study(args.steps, profile=args.profile)
     _ = S.base_saes  # built once here (about a minute on a fresh cache), reused by every process
     print(
         f"base SAEs ready ({time.perf_counter() - t0:.0f} s); {torch.__version__}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     if args.dtype_check:
-        dtype_check(args.steps)
+        dtype_check(args.steps, args.profile)
         return
     runs = [("single", 1)] + [("sharded", n) for n in args.ranks]
     with tempfile.TemporaryDirectory() as out:
         for kind, n in runs:
             t = time.perf_counter()
-            mp.spawn(worker, args=(n, free_port(), args.steps, out, kind == "single"), nprocs=n)
+            mp.spawn(worker, args=(n, free_port(), args.steps, out, kind == "single", args.profile), nprocs=n)
             print(f"{kind} N={n}: {time.perf_counter() - t:.0f} s with start-up", flush=True)
         rows = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))]
     mb = lambda b: b / 2**20  # noqa: E731

@@ -7,7 +7,7 @@ machine's speed touches every k alike), and prints the loop's own clock per step
 the final loss (equal across k up to float rounding: the same loss on less padding). Speed does not depend on the
 weights, so no trained organism is needed.
 
-    nice -n 10 .venv/bin/python bench/bench_length_buckets.py [--profile v2] [--steps 30]   (about 5 minutes)
+    nice -n 10 .venv/bin/python bench/bench_length_buckets.py [--profile default] [--steps 30]   (about 5 minutes)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def per_step(curve) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="v2")
+    parser.add_argument("--profile", default="default")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)

@@ -8,8 +8,8 @@ with the cell of another object (a binding error, not a position error).
 Not a test, and long: a trial trains whatever its settings change (v2's LM over 10,000 steps is about 70 minutes on
 one thread here, its VLM about 90).
 
-    .venv/bin/python bench/recipe_trial.py --profile v2 --set lm.steps=6000 --lm-only
-    .venv/bin/python bench/recipe_trial.py --profile v2 --set vlm.stage2_steps=12000
+    .venv/bin/python bench/recipe_trial.py --set lm.steps=6000 --lm-only
+    .venv/bin/python bench/recipe_trial.py --set vlm.stage2_steps=12000
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def where_binding(vlm, tokenizer, samples) -> tuple[pd.DataFrame, int, int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="v2")
+    parser.add_argument("--profile", default="default")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--lm-only", action="store_true", help="train and score the base LM alone")
     args = parser.parse_args(argv)

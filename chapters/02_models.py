@@ -31,8 +31,11 @@
 #    the LM's rotary positions would then leave no image token that knows where it is. Frozen afterwards;
 # 4. the **VLM**, a `LlavaForConditionalGeneration`: the frozen tower, a fresh two-layer GELU projector
 #    (`mlp2x_gelu`) and the LM initialised from the base LM, trained in LLaVA's two stages: the projector alone on
-#    captions ("describe the image ."), then projector and LM on questions with the loss on the answer only, the
-#    LM at a lower learning rate than the projector. Every batch is freshly generated scenes, none seen twice.
+#    captions, then projector and LM on questions with the loss on the answer only, the LM at a lower learning rate
+#    than the projector; a share of stage 2's batches are captions too. The caption instructions are the profile's
+#    `vlm.caption_prompts`: in the default profile the lexical filter's direction-free prompts, in turn (chapter 5
+#    asks them), so that test stays in the training distribution. Every batch is freshly generated scenes, none
+#    seen twice.
 #
 # The prompt is the paper's chat shape at toy scale: `user : <image> {question} assistant :` for the VLM and
 # `user : {caption} {question} assistant :` for the LM (the paper's text-only stream puts the COCO caption where

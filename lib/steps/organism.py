@@ -86,7 +86,7 @@ def _organism_only(ctx) -> None:
         raise ValueError(f"profile {ctx.P.name!r} uses the paper's models: step {ctx.step.name!r} has no organism")
 
 
-# The keys of these three are those of the committed artifacts (artifacts/PROVENANCE-default.json): their declared
+# The keys of these three are those of the committed artifacts (artifacts/PROVENANCE-*.json): their declared
 # fields and versions must stay as they are, or the artifacts be re-keyed (see the README's layout section).
 @step("lm", reads=("seed", "threads", "lm"), version=2)
 def base_lm(ctx) -> Artifact:
