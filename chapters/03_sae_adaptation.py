@@ -76,7 +76,7 @@ sweep = S.base_sae_sweep
 base = S.base_saes
 if sweep is not None:
     grid = sweep.groupby(["expansion", "k"])[["fvu", "dead_frac"]].mean().reset_index()
-    print("mean over layers, held-out text stream:")
+    print(f"mean over the sweep's layers {sorted(int(l) for l in sweep.layer.unique())}, held-out text stream:")
     print(grid.pivot(index="expansion", columns="k", values=["fvu", "dead_frac"]).round(3).to_string())
     out.table(base.report, "base_saes")
     chosen = grid[(grid.expansion == P.sae.expansion) & (grid.k == P.sae.k)].iloc[0]
@@ -107,7 +107,7 @@ else:
     print(f"SAELens release {P.paper.sae_release}: width {first.d_sae}, rebuilt as TopK k = {P.paper.topk}")
 
 # %% [markdown]
-# Reading the sweep (numbers printed above, mean over layers): the printed lines give how far the profile's choice
+# Reading the sweep (numbers printed above, mean over its layers): the printed lines give how far the profile's choice
 # is from the best FVU among settings with under 10 % dead features, its own dead share, and how many settings
 # leave 10 % or more dead (the prototype's 8 x dictionary left about half). The profile prefers the narrower of two
 # settings whose FVU differs by a few thousandths: adaptation trains width x 4 variants x layers features, so

@@ -81,7 +81,7 @@ def test_every_setting_the_book_depends_on_is_written_in_the_profile_files():
 
     organism_only = {
         "sae": {"expansion", "k", "base_pairs", "base_lr", "base_batch_size", "adapt_pairs", "heldout_pairs"}
-        | {"sweep_expansion", "sweep_k", "sweep_pairs"},
+        | {"sweep_expansion", "sweep_k", "sweep_pairs", "sweep_every"},
         "probing": {"n_questions", "n_ground_truth"},
         "attribution": {"n_statements", "n_controls"},
         "referee": {f.name for f in dataclasses.fields(load_profile("default").referee)},

@@ -195,6 +195,7 @@ class SAEConfig(Section):
     sweep_expansion: tuple[int, ...] = _grid((2, 4, 8), 1, 64)
     sweep_k: tuple[int, ...] = _grid((8, 16, 32), 1, 4096)
     sweep_pairs: int = _int_in(5000, 8, 10_000_000)
+    sweep_every: int = _int_in(1, 1, 1024)  # the sweep trains on every n-th of the SAE layers (the first included)
 
 
 @dataclass(frozen=True)

@@ -150,13 +150,15 @@ def base_saes(ctx) -> BaseSAEs:
         "sae.sweep_expansion",
         "sae.sweep_k",
         "sae.sweep_pairs",
+        "sae.sweep_every",
         "sae.base_lr",
         "sae.base_batch_size",
     ),
 )
 def base_sae_sweep(ctx) -> pd.DataFrame | None:
     """Organism only: base SAEs for every expansion x k of the profile's sweep, on the first `sweep_pairs` text
-    pairs; per layer FVU and dead fraction on the held-out text stream (what the profile's choice is read from)."""
+    pairs and every `sweep_every`-th layer; per layer FVU and dead fraction on the held-out text stream (what the
+    profile's choice is read from)."""
     from lib.kernels.adaptation import base_sae_sweep as sweep
     from lib.kernels.sae import SAESpec
     from lib.kernels.sae_training import TrainConfig
@@ -180,7 +182,7 @@ def base_sae_sweep(ctx) -> pd.DataFrame | None:
             D.heldout_text,
             specs,
             TrainConfig(lr=P.sae.base_lr, num_threads=P.threads),
-            sae_layers(P, vlm),
+            sae_layers(P, vlm)[:: P.sae.sweep_every],
             P.seed,
             batch_size=P.sae.base_batch_size,
         )
