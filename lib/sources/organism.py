@@ -285,6 +285,22 @@ def colour_by_place(model: LlamaForCausalLM, tokenizer, samples: list[world.Samp
     )
 
 
+def colour_binding(model: LlamaForCausalLM, tokenizer, seed: int, n: int = 600) -> tuple[pd.DataFrame, dict]:
+    """`colour_by_place` on n fresh colour questions (a split of their own), and its summary over three-object
+    captions: accuracy when the asked shape is described last (`last_place`) and earlier (`earlier_places`), and
+    the misses and how many of them name another described object's colour (`misses`, `misses_other_object`)."""
+    by_place = colour_by_place(model, tokenizer, world.make_samples(seed + 2, "colour-by-place", n, qtypes=("color",)))
+    three = by_place[by_place.n_objects == 3]
+    last = three.place == three.place.max()
+    right, other = three.correct * three.n, three.other_object * three.n  # counts
+    return by_place, {
+        "last_place": float(three.correct[last].mean()),
+        "earlier_places": float(right[~last].sum() / three.n[~last].sum()),
+        "misses": int((three.n - right).sum().round()),
+        "misses_other_object": int(other.sum().round()),
+    }
+
+
 def eval_samples(seed: int, n: int) -> list[world.Sample]:
     """The held-out set: its own split, so it never overlaps the training streams."""
     return world.make_samples(seed, "test", n)

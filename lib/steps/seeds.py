@@ -22,14 +22,17 @@ NUMBERS: dict[str, tuple[str, ...]] = {}  # chapter: its numbers, in the order i
 LABELS: dict[str, tuple[str, ...]] = {}  # chapter: the text columns shown beside its numbers
 
 
-def findings(chapter: str, *, after: tuple[str, ...], numbers: tuple[str, ...], labels: tuple[str, ...] = ()):
+def findings(
+    chapter: str, *, after: tuple[str, ...], numbers: tuple[str, ...], labels: tuple[str, ...] = (), version: int = 1
+):
     """Register `fn(ctx) -> dict` (the numbers and labels of one seed) as the step `seeds-<chapter>`, organism
-    only (None elsewhere: a model without a seed to vary)."""
+    only (None elsewhere: a model without a seed to vary). A new number is a new `version` (committed rows of
+    extra seeds are then found missing, and `make seed` recomputes them)."""
 
     def register(fn: Callable) -> Callable:
         NUMBERS[chapter], LABELS[chapter] = numbers, labels
 
-        @step(f"seeds-{chapter}", after=after, reads=("seed",))
+        @step(f"seeds-{chapter}", after=after, reads=("seed",), version=version)
         def summary(ctx) -> pd.DataFrame | None:
             if ctx.P.lm is None:
                 return None
@@ -57,26 +60,33 @@ STAGES = ("lm", "tower", "vlm_stage1", "vlm_stage2")
         *(f"lm:{q}" for q in QTYPES),
         *(f"vlm:{q}" for q in QTYPES),
         "mean_image_above_prior",
+        "lm_colour_last_place",
+        "lm_colour_earlier_places",
         *(f"{stage}_s" for stage in STAGES),
         "total_s",
     ),
     labels=("targets_missed",),
+    version=2,
 )
 def _accuracy(ctx) -> dict:
     """Chapter 2: held-out accuracy per question type of the base LM on captions and of the VLM on images; the
     targets it misses ("" when it meets them all); the largest margin of the mean-image VLM over the best guess
-    from the question's text (near 0 or below: the image is needed); and the wall seconds of each training stage
-    and their total."""
-    from lib.sources.organism import against_targets
+    from the question's text (near 0 or below: the image is needed); the base LM's colour accuracy on three-object
+    captions when the asked shape is described last and earlier (lib.sources.organism.colour_binding: alike when
+    it binds colour to shape); and the wall seconds of each training stage and their total."""
+    from lib.sources.organism import against_targets, colour_binding
     from lib.steps.organism import training_seconds
 
-    seconds = training_seconds(ctx.up("organism").artifacts)
+    models = ctx.up("organism")
+    seconds = training_seconds(models.artifacts)
+    _, binding = colour_binding(models.lm, models.tokenizer, ctx.P.seed)
     acc = against_targets(ctx.up("heldout-accuracy")).set_index("qtype")
     columns = {"lm": "lm_text", "vlm": "vlm_image"}
     missed = [f"{m}:{q}" for m, c in columns.items() for q in QTYPES if not acc.loc[q, f"{m}_met"]]
     return {
         **{f"{m}:{q}": acc.loc[q, c] for m, c in columns.items() for q in QTYPES},
         "mean_image_above_prior": float((acc.vlm_mean_image - acc.question_prior).max()),
+        **{f"lm_colour_{k}": binding[k] for k in ("last_place", "earlier_places")},
         **{f"{stage}_s": seconds[stage] for stage in STAGES},
         "total_s": sum(seconds.values()),
         "targets_missed": ", ".join(missed),
