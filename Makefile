@@ -12,7 +12,7 @@
 #   make organism-verify               retrain from scratch and check it equals artifacts/ bit for bit
 #   make seed SEED=n [PROFILE=default] `make organism` for seed n, then its whole pipeline to every chapter's
 #                                      findings row, committed beside it (the book reads the rows of extra seeds)
-#   make test                          unit tests and chapter smoke runs (no built book needed)
+#   make test                          unit tests and chapter smoke runs (no built book needed; lists the 15 slowest)
 #   make rendered                      load every page of the built book in headless Chromium
 #   make lab                           JupyterLab on this checkout: chapters/*.py open as notebooks (Jupytext)
 #   make lab-check                     start `make lab` headless, check it answers and opens the chapters, stop it
@@ -134,7 +134,7 @@ check: $(STAMP)
 # pytest exits 5 when it collected no test (a fresh checkout filtered down by -k, say): say so and pass; make
 # would otherwise turn it into its own exit status 2 and hide which it was.
 test: $(STAMP)
-	@rc=0; $(TEST_ENV) PIP_NO_INDEX=1 $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(TEST_ENV) PIP_NO_INDEX=1 $(PY) -m pytest --durations=15 $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
 $(LAB_STAMP): requirements-lab.txt
