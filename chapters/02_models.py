@@ -12,7 +12,7 @@
 #   book_requires: [world, lm]
 #   book_outputs:
 #     figures: [training_curves, heldout_accuracy, accuracy, answers]
-#     tables: [training, accuracy, lm_colour_by_place, residual_norms]
+#     tables: [training, accuracy, lm_binding_by_place, residual_norms]
 # ---
 
 # %% [markdown]
@@ -236,27 +236,29 @@ print(f"mean image above the guess from the question, largest: {above.max():+.3f
 # %% [markdown]
 # ### Does the base LM bind colour to shape?
 # A colour question ("what color is the circle ?") asks the LM to find the shape in the caption and read the word
-# before it. Split by the place of the asked shape in the caption (objects are described in reading order): a model
-# that binds each colour to its shape scores alike at every place; a model that has learned a shortcut by place
-# does not, and its misses name another described object's colour.
+# before it; a shape question ("what shape is the red object ?") to find the colour and read the word after it.
+# Split by the place of the asked object in the caption (objects are described in reading order): a model that
+# binds each colour to its shape scores alike at every place; a model that has learned a shortcut by place does
+# not, and its misses name another described object's colour or shape.
 
 # %%
-by_place, binding = O.colour_binding(models.lm, models.tokenizer, P.seed)
-out.table(by_place, "lm_colour_by_place", float_format="{:.2f}")
-print(
-    f"3-object captions: last-described shape {binding['last_place']:.2f}, earlier shapes "
-    f"{binding['earlier_places']:.2f}; of the misses, {binding['misses_other_object']} of {binding['misses']} name "
-    "another described object's colour"
-)
+by_place, binding = O.binding(models.lm, models.tokenizer, P.seed)
+out.table(by_place, "lm_binding_by_place", float_format="{:.2f}")
+for qtype, b in binding.items():
+    print(
+        f"{qtype} questions, 3-object captions: asked object described last {b['last_place']:.2f}, earlier "
+        f"{b['earlier_places']:.2f}; of the misses, {b['misses_other_object']} of {b['misses']} name another "
+        f"described object's {qtype}"
+    )
 
 # %% [markdown]
 # Read the rows of three objects. An LM that binds each colour to its shape scores alike at every place. One that
 # has learned a shortcut by place scores well below the last place at the earlier ones, and its misses name another
-# described object's colour: it tells the last-described object from the others but not the first two apart, a
-# binding failure rather than a format or vocabulary fault. The printed line says which kind this LM is; the
-# "Across seeds" table at the end gives both places for every seed (a seed whose LM misses the colour target shows
-# there whether binding is why). Either way the VLM reads colour from the image tokens, where each object is its
-# own token (the VLM's colour row in the table above).
+# described object's attribute: it tells the last-described object from the others but not the first two apart, a
+# binding failure rather than a format or vocabulary fault. The printed lines say which kind this LM is, for each
+# direction of the lookup; the "Across seeds" table at the end gives both places for every seed (a seed whose LM
+# misses the colour or shape target shows there whether binding is why). Either way the VLM reads colour and shape
+# from the image tokens, where each object is its own token (the VLM's rows in the table above).
 
 # %% [markdown]
 # ## Free answers
@@ -296,8 +298,10 @@ print(f"VLM / LM norm ratio ranges {norms.ratio.min():.2f} to {norms.ratio.max()
 # Each seed in the profile's `referee.seeds` is an organism trained from scratch with that seed (`make seed
 # SEED=n`; `lib/steps/seeds.py`). Per seed: the held-out accuracy of each question type (1,000 each) for the base LM
 # on captions and the VLM on images, the targets it misses (empty when it meets them all), the largest margin of
-# the mean-image VLM over the best guess from the question (near zero or below: the answers need the image), and
-# the wall seconds of each training stage (as in the cost table above) with their total; then the mean and range.
+# the mean-image VLM over the best guess from the question (near zero or below: the answers need the image), the
+# base LM's colour and shape accuracy on three-object captions with the asked object described last and earlier
+# (the binding check above), and the wall seconds of each training stage (as in the cost table above) with their
+# total; then the mean and range.
 
 # %%
 SD.report(S, out, "accuracy")

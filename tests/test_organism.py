@@ -228,19 +228,20 @@ def test_generic_caption_prompts_take_turns_and_stay_out_of_the_committed_keys(t
     assert "caption_prompts" not in settings(TINY.vlm) and settings(cfg)["caption_prompts"] == "generic"
 
 
-def test_colour_by_place_reads_the_answer_position(tok):
-    """A stand-in LM that always names the first-described object's colour: right exactly at place 1, and every
-    miss names another described object's colour."""
-    samples = world.make_samples(0, "colour-by-place", 48, qtypes=("color",), n_objects=(2, 3))
-    first = torch.tensor(tok.convert_tokens_to_ids([s.scene.objects[0].color for s in samples]))
+@pytest.mark.parametrize("qtype", world.BINDING_QTYPES)
+def test_binding_by_place_reads_the_answer_position(tok, qtype):
+    """A stand-in LM that always names the first-described object's colour (or shape): right exactly at place 1,
+    and every miss names another described object's colour (or shape)."""
+    samples = world.make_samples(0, "binding-test", 48, qtypes=(qtype,), n_objects=(2, 3))
+    first = torch.tensor(tok.convert_tokens_to_ids([getattr(s.scene.objects[0], qtype) for s in samples]))
 
-    class FirstColour(torch.nn.Module):
+    class FirstObject(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
             logits_bsv = torch.zeros(*input_ids.shape, len(tok))
             logits_bsv[torch.arange(len(first)), :, first] = 1.0
             return type("Out", (), {"logits": logits_bsv})
 
-    table = O.colour_by_place(FirstColour(), tok, samples).set_index(["n_objects", "place"])
+    table = O.binding_by_place(FirstObject(), tok, samples).set_index(["qtype", "n_objects", "place"]).loc[qtype]
     assert table.n.sum() == len(samples)
     assert set(table.index) == {(2, 1), (2, 2), (3, 1), (3, 2), (3, 3)}
     assert (table.loc[(slice(None), 1), "correct"] == 1.0).all()

@@ -258,47 +258,53 @@ def question_prior(samples: list[world.Sample], prior: list[world.Sample]) -> pd
 
 
 @torch.no_grad()
-def colour_by_place(model: LlamaForCausalLM, tokenizer, samples: list[world.Sample]) -> pd.DataFrame:
-    """Colour questions answered from captions, by the place of the asked shape in its caption (1 = described
-    first): the share answered right, and the share answered with another described object's colour. A model
-    that binds each colour to its shape scores alike at every place; one that answers by place does not."""
-    assert all(s.qtype == "color" for s in samples), "colour questions only"
+def binding_by_place(model: LlamaForCausalLM, tokenizer, samples: list[world.Sample]) -> pd.DataFrame:
+    """Colour and shape questions (`world.BINDING_QTYPES`) answered from captions, by question type and the place
+    of the asked object in its caption (1 = described first): the share answered right, and the share answered with
+    another described object's colour or shape. A model that binds each colour to its shape scores alike at every
+    place; one that answers by place does not."""
+    assert all(s.qtype in world.BINDING_QTYPES for s in samples), f"{' and '.join(world.BINDING_QTYPES)} only"
     model.eval()
     batch = lm_batch(tokenizer, samples)
     logits_bsv = model(input_ids=batch.input_ids_bs, attention_mask=batch.attention_mask_bs).logits
-    first_b = batch.answer_mask_bs.int().argmax(-1)  # first answer token; a colour is one word
+    first_b = batch.answer_mask_bs.int().argmax(-1)  # first answer token; a colour or a shape is one word
     pred = tokenizer.convert_ids_to_tokens(logits_bsv[torch.arange(len(samples)), first_b - 1].argmax(-1).tolist())
+    described = [{getattr(o, s.qtype) for o in s.scene.objects} for s in samples]  # the qtype names the attribute
     df = pd.DataFrame(
         {
+            "qtype": [s.qtype for s in samples],
             "n_objects": [len(s.scene.objects) for s in samples],
+            # `subject` is the asked object's shape for both types (a shape question's answer)
             "place": [1 + [o.shape for o in s.scene.objects].index(s.subject) for s in samples],
             "correct": [p == s.answer for p, s in zip(pred, samples, strict=True)],
-            "other_object": [
-                p != s.answer and p in {o.color for o in s.scene.objects} for p, s in zip(pred, samples, strict=True)
-            ],
+            "other_object": [p != s.answer and p in d for p, s, d in zip(pred, samples, described, strict=True)],
         }
     )
     return (
-        df.groupby(["n_objects", "place"])
+        df.groupby(["qtype", "n_objects", "place"])
         .agg(n=("correct", "size"), correct=("correct", "mean"), other_object=("other_object", "mean"))
         .reset_index()
     )
 
 
-def colour_binding(model: LlamaForCausalLM, tokenizer, seed: int, n: int = 600) -> tuple[pd.DataFrame, dict]:
-    """`colour_by_place` on n fresh colour questions (a split of their own), and its summary over three-object
-    captions: accuracy when the asked shape is described last (`last_place`) and earlier (`earlier_places`), and
-    the misses and how many of them name another described object's colour (`misses`, `misses_other_object`)."""
-    by_place = colour_by_place(model, tokenizer, world.make_samples(seed + 2, "colour-by-place", n, qtypes=("color",)))
-    three = by_place[by_place.n_objects == 3]
-    last = three.place == three.place.max()
-    right, other = three.correct * three.n, three.other_object * three.n  # counts
-    return by_place, {
-        "last_place": float(three.correct[last].mean()),
-        "earlier_places": float(right[~last].sum() / three.n[~last].sum()),
-        "misses": int((three.n - right).sum().round()),
-        "misses_other_object": int(other.sum().round()),
-    }
+def binding(model: LlamaForCausalLM, tokenizer, seed: int, n: int = 600) -> tuple[pd.DataFrame, dict]:
+    """`binding_by_place` on n fresh questions of each type in `world.BINDING_QTYPES` (a split of their own per
+    type), and its summary per type over three-object captions: accuracy when the asked object is described last
+    (`last_place`) and earlier (`earlier_places`), and the misses and how many of them name another described
+    object's colour or shape (`misses`, `misses_other_object`)."""
+    samples = [s for q in world.BINDING_QTYPES for s in world.make_samples(seed + 2, f"{q}-by-place", n, qtypes=(q,))]
+    by_place = binding_by_place(model, tokenizer, samples)
+    summary = {}
+    for qtype, three in by_place[by_place.n_objects == 3].groupby("qtype"):
+        last = three.place == three.place.max()
+        right, other = three.correct * three.n, three.other_object * three.n  # counts
+        summary[qtype] = {
+            "last_place": float(three.correct[last].mean()),
+            "earlier_places": float(right[~last].sum() / three.n[~last].sum()),
+            "misses": int((three.n - right).sum().round()),
+            "misses_other_object": int(other.sum().round()),
+        }
+    return by_place, summary
 
 
 def eval_samples(seed: int, n: int) -> list[world.Sample]:

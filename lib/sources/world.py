@@ -46,6 +46,9 @@ QTYPES = {
     "statement": "relational",  # statement : the circle is left of the square . is this correct ? -> yes / no
 }
 SPATIAL_FAMILIES = ("absolute", "relational")
+# The questions that name an object by one attribute and ask the other (named by the attribute they ask): answered
+# from a caption, they test whether a model binds each colour to its shape.
+BINDING_QTYPES = ("color", "shape")
 
 # The keyword split of questions (the paper's regex over VQAv2 questions, here over ours).
 SPATIAL_KEYWORDS = ("left", "right", "above", "below", "top", "bottom", "middle", "center", "where")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from lib.io.cache import load_table, save_table
-from lib.sources.world import QTYPES
+from lib.sources.world import BINDING_QTYPES, QTYPES
 from lib.steps.registry import step
 
 NUMBERS: dict[str, tuple[str, ...]] = {}  # chapter: its numbers, in the order it prints them
@@ -60,33 +60,32 @@ STAGES = ("lm", "tower", "vlm_stage1", "vlm_stage2")
         *(f"lm:{q}" for q in QTYPES),
         *(f"vlm:{q}" for q in QTYPES),
         "mean_image_above_prior",
-        "lm_colour_last_place",
-        "lm_colour_earlier_places",
+        *(f"lm_{q}_{place}" for q in BINDING_QTYPES for place in ("last_place", "earlier_places")),
         *(f"{stage}_s" for stage in STAGES),
         "total_s",
     ),
     labels=("targets_missed",),
-    version=2,
+    version=3,  # 3: shape questions beside colour ones in the binding numbers (lm_color_*, lm_shape_*)
 )
 def _accuracy(ctx) -> dict:
     """Chapter 2: held-out accuracy per question type of the base LM on captions and of the VLM on images; the
     targets it misses ("" when it meets them all); the largest margin of the mean-image VLM over the best guess
-    from the question's text (near 0 or below: the image is needed); the base LM's colour accuracy on three-object
-    captions when the asked shape is described last and earlier (lib.sources.organism.colour_binding: alike when
-    it binds colour to shape); and the wall seconds of each training stage and their total."""
-    from lib.sources.organism import against_targets, colour_binding
+    from the question's text (near 0 or below: the image is needed); the base LM's colour and shape accuracy on
+    three-object captions when the asked object is described last and earlier (lib.sources.organism.binding:
+    alike when it binds colour to shape); and the wall seconds of each training stage and their total."""
+    from lib.sources.organism import against_targets, binding
     from lib.steps.organism import training_seconds
 
     models = ctx.up("organism")
     seconds = training_seconds(models.artifacts)
-    _, binding = colour_binding(models.lm, models.tokenizer, ctx.P.seed)
+    _, bound = binding(models.lm, models.tokenizer, ctx.P.seed)
     acc = against_targets(ctx.up("heldout-accuracy")).set_index("qtype")
     columns = {"lm": "lm_text", "vlm": "vlm_image"}
     missed = [f"{m}:{q}" for m, c in columns.items() for q in QTYPES if not acc.loc[q, f"{m}_met"]]
     return {
         **{f"{m}:{q}": acc.loc[q, c] for m, c in columns.items() for q in QTYPES},
         "mean_image_above_prior": float((acc.vlm_mean_image - acc.question_prior).max()),
-        **{f"lm_colour_{k}": binding[k] for k in ("last_place", "earlier_places")},
+        **{f"lm_{q}_{place}": bound[q][place] for q in BINDING_QTYPES for place in ("last_place", "earlier_places")},
         **{f"{stage}_s": seconds[stage] for stage in STAGES},
         "total_s": sum(seconds.values()),
         "targets_missed": ", ".join(missed),
