@@ -51,6 +51,7 @@ def findings(
 
 
 STAGES = ("lm", "tower", "vlm_stage1", "vlm_stage2")
+PLACES = ("last_place", "earlier_places")  # the binding check's summary (lib.sources.organism.binding)
 
 
 @findings(
@@ -60,7 +61,7 @@ STAGES = ("lm", "tower", "vlm_stage1", "vlm_stage2")
         *(f"lm:{q}" for q in QTYPES),
         *(f"vlm:{q}" for q in QTYPES),
         "mean_image_above_prior",
-        *(f"lm_{q}_{place}" for q in BINDING_QTYPES for place in ("last_place", "earlier_places")),
+        *(f"lm_{q}_{place}" for q in BINDING_QTYPES for place in PLACES),
         *(f"{stage}_s" for stage in STAGES),
         "total_s",
     ),
@@ -85,7 +86,7 @@ def _accuracy(ctx) -> dict:
     return {
         **{f"{m}:{q}": acc.loc[q, c] for m, c in columns.items() for q in QTYPES},
         "mean_image_above_prior": float((acc.vlm_mean_image - acc.question_prior).max()),
-        **{f"lm_{q}_{place}": bound[q][place] for q in BINDING_QTYPES for place in ("last_place", "earlier_places")},
+        **{f"lm_{q}_{place}": bound[q][place] for q in BINDING_QTYPES for place in PLACES},
         **{f"{stage}_s": seconds[stage] for stage in STAGES},
         "total_s": sum(seconds.values()),
         "targets_missed": ", ".join(missed),
